@@ -1,0 +1,1 @@
+"""Training and distillation: packed data, losses, trainer, teacher cache, multi-device helpers."""

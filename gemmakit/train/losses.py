@@ -1,0 +1,176 @@
+"""Training losses: cross-entropy, full distillation (Gemma 2) and sampled-logit distillation (Gemma 3).
+
+Every loss starts from HIDDEN states, not logits, and goes through the LM head a chunk of tokens at a
+time. With Gemma's 262,144-entry vocabulary, 4,096 tokens of fp32 logits are 4.3 GB per model; the
+chunked losses never hold more than `chunk` tokens of them (student and teacher) at once, in the
+forward or in the backward.
+
+How the backward stays bounded: `_ChunkedHeadLoss` computes each chunk's loss AND its gradient
+(w.r.t. the chunk's hidden states and the tied head weight) inside the forward pass, then frees the
+chunk's logits. The backward only scales the stored gradients by the incoming grad. This is what
+activation checkpointing each chunk would also achieve in memory, but without recomputing the
+student's and teacher's heads in the backward (the head is most of the compute of a small model with
+this vocabulary). When no gradient is needed (evaluation) the chunks are simply evaluated under no_grad.
+
+All losses return the MEAN over the tokens whose target is not `IGNORE` (-100).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE = -100
+# A chunk's loss: (student logits [n, V] fp32, token slice) -> summed loss over the chunk's tokens.
+ChunkFn = Callable[[Tensor, slice], Tensor]
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """sum over chunks of chunk_fn(head(h[chunk]).float(), chunk), gradients computed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, head: Callable[[Tensor], Tensor], chunk_fn: ChunkFn,
+                chunk: int) -> Tensor:  # type: ignore[override]
+        grad_h = torch.zeros_like(h)
+        grad_w = torch.zeros_like(weight) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            with torch.enable_grad():
+                hc = h[sl].detach().requires_grad_(True)
+                loss = chunk_fn(head(hc).float(), sl)
+                inputs = [hc] + ([weight] if grad_w is not None else [])
+                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            grad_h[sl] = grads[0]
+            if grad_w is not None and grads[1] is not None:
+                grad_w += grads[1]
+            total += loss.detach()
+        ctx.save_for_backward(grad_h, *([grad_w] if grad_w is not None else []))
+        ctx.has_w = grad_w is not None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        gh = saved[0] * grad_out.to(saved[0].dtype)
+        gw = saved[1] * grad_out.to(saved[1].dtype) if ctx.has_w else None
+        return gh, gw, None, None, None
+
+
+def chunked_head_loss(model, h: Tensor, chunk_fn: ChunkFn, chunk: int = 1024) -> Tensor:
+    """Sum of `chunk_fn` over chunks of the flattened hidden states h [N, d] passed through model.logits.
+
+    The head's only parameter is the tied embedding (`model.model.embed_tokens.weight`); its gradient
+    and h's are accumulated chunk by chunk (see the module docstring).
+    """
+    weight = model.model.embed_tokens.weight
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _ChunkedHeadLoss.apply(h, weight, model.logits, chunk_fn, chunk)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    with torch.no_grad():
+        for start in range(0, h.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            total += chunk_fn(model.logits(h[sl]).float(), sl)
+    return total
+
+
+def _count(targets: Tensor) -> Tensor:
+    return (targets != IGNORE).sum().clamp(min=1)
+
+
+def cross_entropy(model, h: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
+    """Mean next-token cross-entropy. h [..., d] final hidden states, targets [...] (IGNORE = skip)."""
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+
+    def fn(z: Tensor, sl: slice) -> Tensor:
+        return F.cross_entropy(z, targets[sl], ignore_index=IGNORE, reduction="sum")
+
+    return chunked_head_loss(model, h, fn, chunk) / _count(targets)
+
+
+def _mixed(kd: Tensor, z: Tensor, t: Tensor, alpha: float) -> Tensor:
+    """(1 - alpha) * KD + alpha * CE for one chunk (sums over its valid tokens)."""
+    if alpha == 0.0:
+        return kd
+    ce = F.cross_entropy(z, t, ignore_index=IGNORE, reduction="sum")
+    return (1.0 - alpha) * kd + alpha * ce
+
+
+def distill_full(model, h: Tensor, teacher, teacher_h: Tensor, targets: Tensor, temperature: float = 1.0,
+                 alpha: float = 0.0, chunk: int = 1024) -> Tensor:
+    """Gemma 2 distillation: mean over tokens of sum_x -P_T(x|c) log P_S(x|c), optionally mixed with CE.
+
+    Both distributions are taken at `temperature` T (softmax(z / T)) and the KD term is multiplied by
+    T^2 so its gradient keeps the same scale as T changes (Hinton et al., 2015); at T = 1 it is exactly
+    the Gemma 2 objective. loss = (1 - alpha) * T^2 * KD + alpha * CE(targets).
+    The teacher's logits come from `teacher.logits(teacher_h[chunk])` under no_grad, chunk by chunk,
+    so neither model's full [tokens x vocab] logits exist at once. Targets equal to IGNORE are skipped.
+    """
+    h, teacher_h, targets = h.reshape(-1, h.shape[-1]), teacher_h.reshape(-1, teacher_h.shape[-1]), targets.reshape(-1)
+    if teacher.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"teacher vocabulary ({teacher.config.vocab_size}) != student vocabulary "
+                         f"({model.config.vocab_size}): distillation needs a shared tokenizer")
+    valid = (targets != IGNORE).float()
+
+    def fn(z: Tensor, sl: slice) -> Tensor:
+        with torch.no_grad():
+            p_t = torch.softmax(teacher.logits(teacher_h[sl]).float() / temperature, dim=-1)
+        logq = torch.log_softmax(z / temperature, dim=-1)
+        kd = (-(p_t * logq).sum(-1) * valid[sl]).sum() * temperature**2
+        return _mixed(kd, z, targets[sl], alpha)
+
+    return chunked_head_loss(model, h, fn, chunk) / _count(targets)
+
+
+def sample_teacher(logits: Tensor, k: int, generator: torch.Generator | None = None,
+                   temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """k token ids per position sampled from softmax(logits / T) WITHOUT replacement, and P_T at them.
+
+    Returns (ids [..., k] int64, probs [..., k] fp32, the unnormalized teacher probabilities).
+
+    Sampling uses the Gumbel-top-k trick: the k largest of log p + Gumbel noise are an exact sample
+    without replacement, drawn in proportion to the teacher's probabilities (the first pick is a draw
+    from p, the next a draw from p restricted to what is left, and so on). Unlike torch.multinomial
+    it needs no k non-zero probabilities: when the teacher's support is smaller than k, the leftover
+    slots hold ids of probability 0, which contribute nothing to the loss.
+
+    Why without replacement (the duplicate rule): Gemma 3 sets the teacher target to zero outside the
+    sampled set and renormalizes it inside. With distinct ids that target is exactly
+    P_T(x) / sum_{y in S} P_T(y), and once S covers the support it IS the teacher distribution, so the
+    loss equals full distillation (tested). Sampling with replacement and using counts would instead
+    give an unbiased but noisier Monte-Carlo target that never equals P_T, and would spend slots on
+    repeats of the top tokens (a confident teacher would fill most of the 256 draws with one id).
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    u = torch.rand(logp.shape, generator=generator, device=logp.device).clamp_(1e-20, 1.0)
+    gumbel = -torch.log(-torch.log(u))
+    ids = torch.topk(logp + gumbel, k, dim=-1).indices
+    return ids, logp.gather(-1, ids).exp()
+
+
+def distill_sampled(model, h: Tensor, ids: Tensor, probs: Tensor, targets: Tensor, alpha: float = 0.0,
+                    chunk: int = 1024) -> Tensor:
+    """Gemma 3 sampled-logit distillation: mean over tokens of -sum_{x in S} Q_T(x) log P_S(x|c).
+
+    ids [..., k] are the sampled teacher ids (distinct, see `sample_teacher`), probs [..., k] the
+    teacher's probabilities at them (any positive scale, e.g. fp16 from the teacher cache); the target
+    Q_T is probs renormalized over the sample (zero outside it). log P_S is the student's FULL-vocabulary
+    log-softmax gathered at the sampled ids, so the student's normalizer still runs over every token.
+    Optionally mixed with CE: (1 - alpha) * KD + alpha * CE.
+    """
+    k = ids.shape[-1]
+    h, ids, probs, targets = h.reshape(-1, h.shape[-1]), ids.reshape(-1, k), probs.reshape(-1, k), targets.reshape(-1)
+    valid = (targets != IGNORE).float()
+
+    def fn(z: Tensor, sl: slice) -> Tensor:
+        q = probs[sl].float()
+        q = q / q.sum(-1, keepdim=True).clamp(min=1e-30)
+        logp = torch.log_softmax(z, dim=-1).gather(-1, ids[sl].long())
+        # 0 * log p for zero-probability slots (padding past the teacher's support) must stay 0.
+        kd = (-(torch.where(q > 0, q * logp, 0.0)).sum(-1) * valid[sl]).sum()
+        return _mixed(kd, z, targets[sl], alpha)
+
+    return chunked_head_loss(model, h, fn, chunk) / _count(targets)
