@@ -1,0 +1,219 @@
+"""Token shards on disk and a loader of packed fixed-length training sequences.
+
+A prepared directory holds, per split (`train`, `val`):
+  {split}.tokens   uint32 token ids, every document written as <bos> text <eos>, back to back
+  {split}.docs     uint64 start offset of each document in {split}.tokens, then the total length
+and meta.json (tokenizer, vocabulary size, counts, invalid UTF-8 replacements). Both files are plain
+arrays read with np.memmap, so a corpus larger than memory costs nothing to open.
+
+Documents are assigned to a split by a hash of their name (file path, or path:line for JSONL), so the
+split is deterministic and does not change when other documents are added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gemmakit.train.losses import IGNORE
+
+# <eos> and <bos> are 1 and 2 in every Gemma tokenizer (1, 2 and 3).
+EOS, BOS = 1, 2
+SPLITS = ("train", "val")
+
+
+@dataclass
+class Document:
+    name: str
+    text: str
+    invalid_utf8: int  # byte sequences that were not UTF-8 and became U+FFFD
+
+
+def _decode(raw: bytes) -> tuple[str, int]:
+    """UTF-8 with invalid sequences replaced by U+FFFD; also returns how many were replaced."""
+    text = raw.decode("utf-8", errors="replace")
+    return text, text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+
+
+def _files(inputs: list[str | Path]) -> list[Path]:
+    out: list[Path] = []
+    for inp in map(Path, inputs):
+        if inp.is_dir():
+            found = sorted(p for p in inp.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
+            if not found:
+                raise FileNotFoundError(f"{inp}: folder holds no .txt or .jsonl files")
+            out += found
+        elif inp.is_file():
+            if inp.suffix not in (".txt", ".jsonl"):
+                raise ValueError(f"{inp}: unsupported input (expected .txt, .jsonl or a folder)")
+            out.append(inp)
+        else:
+            raise FileNotFoundError(f"{inp}: no such file or folder")
+    return out
+
+
+def read_documents(inputs: list[str | Path]) -> Iterator[Document]:
+    """Documents of the inputs in a fixed order: a .txt file is one document, a .jsonl line is one
+    (its `text` field); folders are searched recursively in sorted order."""
+    for path in _files(inputs):
+        if path.suffix == ".txt":
+            text, bad = _decode(path.read_bytes())
+            yield Document(str(path), text, bad)
+            continue
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                line, bad = _decode(raw)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
+                yield Document(f"{path}:{lineno}", record["text"], bad)
+
+
+def split_of(name: str, val_fraction: float) -> str:
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+    return "val" if h < val_fraction else "train"
+
+
+def prepare(inputs: list[str | Path], encode: Callable[[str], list[int]], out_dir: str | Path,
+            vocab_size: int, tokenizer_name: str = "", val_fraction: float = 0.1) -> dict:
+    """Tokenize `inputs` into `out_dir` (see the module docstring); returns the meta.json contents.
+
+    `encode(text)` must return ids without <bos>/<eos>; they are added here around every document.
+    Files are written under temporary names and renamed when complete; meta.json comes last.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = list(read_documents(inputs))
+    if not docs:
+        raise ValueError("no documents found in the inputs")
+    splits = [split_of(d.name, val_fraction) for d in docs]
+    if val_fraction > 0 and len(docs) > 1 and "val" not in splits:
+        # Tiny corpora: hold out the document with the smallest hash rather than none.
+        i = min(range(len(docs)), key=lambda j: hashlib.sha256(docs[j].name.encode()).digest())
+        splits[i] = "val"
+    if "train" not in splits:
+        raise ValueError("every document landed in the validation split; lower --val-fraction")
+
+    handles = {s: open(out / f"{s}.tokens.tmp", "wb") for s in SPLITS}
+    starts: dict[str, list[int]] = {s: [] for s in SPLITS}
+    n_tokens = {s: 0 for s in SPLITS}
+    invalid = 0
+    try:
+        for doc, split in tqdm(list(zip(docs, splits)), desc="tokenizing", unit="doc"):
+            ids = [BOS, *encode(doc.text), EOS]
+            if max(ids) >= vocab_size or min(ids) < 0:
+                raise ValueError(f"{doc.name}: tokenizer produced ids outside [0, {vocab_size})")
+            starts[split].append(n_tokens[split])
+            handles[split].write(np.asarray(ids, dtype=np.uint32).tobytes())
+            n_tokens[split] += len(ids)
+            invalid += doc.invalid_utf8
+    finally:
+        for f in handles.values():
+            f.close()
+    for s in SPLITS:
+        offsets = np.asarray(starts[s] + [n_tokens[s]], dtype=np.uint64)
+        offsets.tofile(out / f"{s}.docs.tmp")
+        os.replace(out / f"{s}.tokens.tmp", out / f"{s}.tokens")
+        os.replace(out / f"{s}.docs.tmp", out / f"{s}.docs")
+    meta = {
+        "tokenizer": tokenizer_name, "vocab_size": vocab_size, "val_fraction": val_fraction,
+        "documents": {s: len(starts[s]) for s in SPLITS}, "tokens": n_tokens,
+        "invalid_utf8_replaced": invalid,
+        "val_documents": [d.name for d, s in zip(docs, splits) if s == "val"],
+    }
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / "meta.json")
+    return meta
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{data_dir}: not a prepared data directory (no meta.json); "
+                                f"run `gemmakit data prepare` first")
+    return json.loads(path.read_text())
+
+
+class PackedData:
+    """Packed fixed-length sequences from one split, in a seeded order, with a resumable position.
+
+    The split's token stream is cut into windows of seq_len + 1 tokens with stride seq_len (window w
+    covers stream positions w*T .. w*T + T), so every stream position is predicted exactly once per
+    epoch; documents run into each other, separated by <eos><bos>. With `mask_documents`, each
+    sequence also gets segment_ids (tokens attend only inside their own document), positions that
+    restart at every document, and the target of a document's last token (the next <bos>) ignored.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int, batch_size: int,
+                 mask_documents: bool = False, shuffle: bool = True, seed: int = 0) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        self.meta = load_meta(data_dir)
+        self.tokens = np.memmap(Path(data_dir) / f"{split}.tokens", dtype=np.uint32, mode="r")
+        self.doc_starts = np.fromfile(Path(data_dir) / f"{split}.docs", dtype=np.uint64).astype(np.int64)
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.mask_documents, self.shuffle, self.seed = mask_documents, shuffle, seed
+        self.n_windows = (len(self.tokens) - 1) // seq_len
+        if self.n_windows < 1:
+            raise ValueError(f"{split} split has {len(self.tokens)} tokens: too few for seq_len {seq_len}")
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n_windows)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n_windows, generator=g).numpy()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._permutation(self.epoch)
+
+    def windows(self, idx: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
+        """The batch made of the given window indices."""
+        t = self.seq_len
+        idx = np.asarray(idx, dtype=np.int64)
+        rows = np.stack([np.asarray(self.tokens[w * t: w * t + t + 1], dtype=np.int64) for w in idx])
+        batch = {"tokens": torch.from_numpy(rows[:, :-1].copy()), "targets": torch.from_numpy(rows[:, 1:].copy()),
+                 "windows": torch.from_numpy(idx)}
+        if self.mask_documents:
+            stream = idx[:, None] * t + np.arange(t + 1)[None, :]
+            doc = np.searchsorted(self.doc_starts, stream, side="right") - 1
+            batch["segment_ids"] = torch.from_numpy(doc[:, :-1].copy())
+            batch["positions"] = torch.from_numpy((stream - self.doc_starts[doc])[:, :-1].copy())
+            batch["targets"][torch.from_numpy(doc[:, 1:] != doc[:, :-1])] = IGNORE
+        return batch
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next batch_size windows in this epoch's order; wraps into the next epoch."""
+        idx = []
+        while len(idx) < self.batch_size:
+            if self.pos == self.n_windows:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(self.batch_size - len(idx), self.n_windows - self.pos)
+            idx += self._order[self.pos: self.pos + take].tolist()
+            self.pos += take
+        return self.windows(idx)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass over the split in order (for evaluation), the last batch possibly smaller."""
+        for start in range(0, self.n_windows, self.batch_size):
+            yield self.windows(list(range(start, min(start + self.batch_size, self.n_windows))))

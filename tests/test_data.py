@@ -1,0 +1,128 @@
+"""Token shards and packed sequences: layout on disk, determinism, invalid UTF-8, splits, packing,
+document masking (a packed sequence equals its documents run separately)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gemmakit.config import get_config
+from gemmakit.model import build
+from gemmakit.train import data as D
+from gemmakit.train.losses import IGNORE
+
+VOCAB = 300
+
+
+def encode(text: str) -> list[int]:
+    return [b + 3 for b in text.encode("utf-8")]  # a byte tokenizer that keeps 0-2 for specials
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("hello world")
+    (src / "sub" / "b.txt").write_bytes(b"caf\xc3\xa9 \xff\xfe ok \xef\xbf\xbd")  # 2 invalid bytes, 1 real U+FFFD
+    (src / "c.jsonl").write_text(json.dumps({"text": "first doc"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    (src / "ignored.bin").write_bytes(b"\x00\x01")
+    return src
+
+
+def test_prepare_layout_utf8_and_determinism(corpus, tmp_path):
+    m1 = D.prepare([corpus], encode, tmp_path / "o1", VOCAB, "bytes", val_fraction=0.0)
+    m2 = D.prepare([corpus], encode, tmp_path / "o2", VOCAB, "bytes", val_fraction=0.0)
+    assert m1 == m2
+    for f in ("train.tokens", "train.docs", "val.tokens"):
+        assert (tmp_path / "o1" / f).read_bytes() == (tmp_path / "o2" / f).read_bytes()
+    assert m1["documents"] == {"train": 4, "val": 0}
+    assert m1["invalid_utf8_replaced"] == 2
+    toks = np.fromfile(tmp_path / "o1" / "train.tokens", dtype=np.uint32)
+    starts = np.fromfile(tmp_path / "o1" / "train.docs", dtype=np.uint64)
+    texts = ["hello world", "first doc", "second", "café \ufffd\ufffd ok \ufffd"]  # sorted: a.txt, c.jsonl, sub/b.txt
+    expect = [t for x in texts for t in [D.BOS, *encode(x), D.EOS]]
+    assert toks.tolist() == expect
+    assert starts.tolist() == np.cumsum([0] + [len(encode(x)) + 2 for x in texts]).tolist()
+    assert not list((tmp_path / "o1").glob("*.tmp"))
+
+
+def test_split_by_document_is_deterministic_and_disjoint(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(200)))
+    meta = D.prepare([src], encode, tmp_path / "o", VOCAB, val_fraction=0.25)
+    n_val = meta["documents"]["val"]
+    assert 30 < n_val < 70 and meta["documents"]["train"] == 200 - n_val
+    assert meta["val_documents"] == [f"{src}:{i + 1}" for i in range(200) if D.split_of(f"{src}:{i + 1}", 0.25) == "val"]
+    val = np.fromfile(tmp_path / "o" / "val.tokens", dtype=np.uint32)
+    assert (val == D.BOS).sum() == n_val
+
+
+def test_prepare_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        D.prepare([tmp_path / "missing.txt"], encode, tmp_path / "o", VOCAB)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        D.prepare([bad], encode, tmp_path / "o", VOCAB)
+    bad.write_text('{"body": "no text"}\n')
+    with pytest.raises(ValueError, match="string 'text' field"):
+        D.prepare([bad], encode, tmp_path / "o", VOCAB)
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="unsupported input"):
+        D.prepare([tmp_path / "x.csv"], encode, tmp_path / "o", VOCAB)
+    with pytest.raises(FileNotFoundError, match="data prepare"):
+        D.PackedData(tmp_path / "nothing", "train", 4, 1)
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": "ab" * (i % 5 + 1)}) + "\n" for i in range(40)))
+    D.prepare([src], encode, tmp_path / "o", VOCAB, val_fraction=0.0)
+    return tmp_path / "o"
+
+
+def test_windows_cover_the_stream_once_and_order_resumes(prepared):
+    stream = np.fromfile(prepared / "train.tokens", dtype=np.uint32).astype(np.int64)
+    d = D.PackedData(prepared, "train", seq_len=8, batch_size=3, seed=1)
+    seen = []
+    while d.epoch == 0:
+        b = d.next_batch()
+        for w, x, y in zip(b["windows"].tolist(), b["tokens"], b["targets"]):
+            assert x.tolist() == stream[w * 8: w * 8 + 8].tolist()
+            assert y.tolist() == stream[w * 8 + 1: w * 8 + 9].tolist()
+            seen.append(w)
+    # the last batch of the epoch wraps into epoch 1; every window of epoch 0 came exactly once
+    assert sorted(seen[: d.n_windows]) == list(range(d.n_windows))
+    state = d.state_dict()
+    rest = [d.next_batch()["windows"].tolist() for _ in range(5)]
+    d2 = D.PackedData(prepared, "train", seq_len=8, batch_size=3, seed=1)
+    d2.load_state_dict(state)
+    assert [d2.next_batch()["windows"].tolist() for _ in range(5)] == rest
+    d3 = D.PackedData(prepared, "train", seq_len=8, batch_size=3, seed=2)
+    assert [d3.next_batch()["windows"].tolist() for _ in range(3)] != [rest[0], rest[1], rest[2]]
+
+
+def test_document_masking_equals_separate_documents(prepared):
+    d = D.PackedData(prepared, "train", seq_len=16, batch_size=2, mask_documents=True, shuffle=False)
+    b = d.windows([1, 2])
+    seg, pos, tok, tgt = b["segment_ids"], b["positions"], b["tokens"], b["targets"]
+    # a document's last token (<eos>) must not be trained to predict the next document's <bos>
+    assert ((tok == D.EOS) == (tgt == IGNORE)).all()
+    assert (pos[tok == D.BOS] == 0).all()
+    cfg = get_config("gemma3-270m").replace(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                            head_dim=16, intermediate_size=64, sliding_window=4,
+                                            layer_types=("local", "global"))
+    torch.manual_seed(0)
+    m = build(cfg, "cpu")
+    m.init_weights(std=0.3)
+    with torch.no_grad():
+        packed = m.hidden(tok, pos, segment_ids=seg)
+        unmasked = m.hidden(tok)
+        for r in range(2):
+            for s in seg[r].unique():
+                cols = (seg[r] == s).nonzero().flatten()
+                alone = m.hidden(tok[r, cols][None], pos[r, cols][None])
+                torch.testing.assert_close(packed[r, cols], alone[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(packed, unmasked, atol=1e-3)  # the mask matters for this data
