@@ -284,7 +284,9 @@ def to_hf(config: Config) -> dict[str, Any]:
             full = {"rope_type": "linear", "factor": config.rope_scale_global, "rope_theta": config.rope_base_global}
         text.update(
             layer_types=["sliding_attention" if t == LOCAL else "full_attention" for t in config.layer_types],
-            sliding_window=config.sliding_window, query_pre_attn_scalar=config.query_pre_attn_scalar,
+            sliding_window=config.sliding_window,
+            # transformers 5 validates this field as an int (a float such as 256.0 is rejected).
+            query_pre_attn_scalar=int(q) if (q := config.query_pre_attn_scalar or config.head_dim) % 1 == 0 else q,
             attn_logit_softcapping=config.attn_softcap, final_logit_softcapping=config.final_softcap,
         )
         if config.generation == 2:
