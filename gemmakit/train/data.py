@@ -159,7 +159,8 @@ class PackedData:
     """
 
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, batch_size: int,
-                 mask_documents: bool = False, shuffle: bool = True, seed: int = 0) -> None:
+                 mask_documents: bool = False, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         self.meta = load_meta(data_dir)
@@ -167,6 +168,7 @@ class PackedData:
         self.doc_starts = np.fromfile(Path(data_dir) / f"{split}.docs", dtype=np.uint64).astype(np.int64)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.mask_documents, self.shuffle, self.seed = mask_documents, shuffle, seed
+        self.rank, self.world = rank, world
         self.n_windows = (len(self.tokens) - 1) // seq_len
         if self.n_windows < 1:
             raise ValueError(f"{split} split has {len(self.tokens)} tokens: too few for seq_len {seq_len}")
@@ -202,16 +204,19 @@ class PackedData:
         return batch
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next batch_size windows in this epoch's order; wraps into the next epoch."""
-        idx = []
-        while len(idx) < self.batch_size:
+        """The next batch_size windows in this epoch's order; wraps into the next epoch.
+
+        With `world` > 1 ranks, every rank draws the same batch_size * world windows and keeps its
+        slice, so the global batch is the one a single process with batch_size * world would see."""
+        idx: list[int] = []
+        while len(idx) < self.batch_size * self.world:
             if self.pos == self.n_windows:
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
-            take = min(self.batch_size - len(idx), self.n_windows - self.pos)
+            take = min(self.batch_size * self.world - len(idx), self.n_windows - self.pos)
             idx += self._order[self.pos: self.pos + take].tolist()
             self.pos += take
-        return self.windows(idx)
+        return self.windows(idx[self.rank * self.batch_size: (self.rank + 1) * self.batch_size])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """One pass over the split in order (for evaluation), the last batch possibly smaller."""

@@ -1,0 +1,261 @@
+"""The training loop: AdamW, warmup + cosine, accumulation, clipping, bf16 autocast, exact resume.
+
+One loop serves pre-training and distillation: the objective is a `loss_fn(model, batch) -> loss`
+(cross-entropy by default; distill.py builds the distillation ones).
+
+Exact resume: a checkpoint holds the model, the optimizer, the scheduler, the step, the data loader's
+position and every RNG state, so a run stopped at step k and resumed produces the same per-step losses
+as one that never stopped. Checkpoints are written to a temporary file, fsynced, then renamed over the
+previous one (os.replace is atomic), so a process killed mid-write leaves the last checkpoint intact.
+SIGINT/SIGTERM finish the current step, write a checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gemmakit.config import Config, VisionConfig
+from gemmakit.train.data import PackedData
+from gemmakit.train.losses import IGNORE, cross_entropy
+from gemmakit.train.parallel import full_state_dicts, is_distributed, load_full_state_dicts, mean_across_ranks
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in the whole run (the cosine schedule ends here)
+    batch_size: int = 8  # sequences per micro-batch
+    seq_len: int = 256  # tokens per sequence
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay on matrices (not on norms)
+    clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    bf16: bool = False  # bf16 autocast for the forward/backward (weights and optimizer stay fp32)
+    activation_checkpointing: bool = False  # recompute each block in the backward
+    mask_documents: bool = False  # packed documents do not attend to each other
+    chunk: int = 1024  # tokens per chunk of the LM head in the losses
+    ckpt_every: int = 100  # write a checkpoint every N steps (and at the end)
+    eval_every: int = 0  # validation loss every N steps (0: only at the end, if val data is given)
+    eval_batches: int = 0  # validation batches per evaluation (0: the whole split)
+    seed: int = 0  # data order and RNG
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of cfg.lr at step s: linear warmup to 1, then cosine down to min_lr_ratio."""
+    def f(s: int) -> float:
+        if s < cfg.warmup:
+            return (s + 1) / cfg.warmup
+        progress = min(1.0, (s - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Norm weights (1-D) are not decayed: decaying (1 + w)'s w toward 0 is not a regularizer of scale.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def ce_loss(chunk: int = 1024) -> LossFn:
+    def f(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        h = model.hidden(batch["tokens"], batch.get("positions"), segment_ids=batch.get("segment_ids"))
+        return cross_entropy(model, h, batch["targets"], chunk)
+    return f
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: PackedData, chunk: int = 1024, max_batches: int = 0,
+             bf16: bool = False) -> float:
+    """Mean next-token cross-entropy (nats) over the split, weighted by tokens."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i, batch in enumerate(data):
+        if max_batches and i >= max_batches:
+            break
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            h = model.hidden(batch["tokens"], batch.get("positions"), segment_ids=batch.get("segment_ids"))
+        n = int((batch["targets"] != IGNORE).sum())
+        total += float(cross_entropy(model, h.float(), batch["targets"], chunk)) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: dict) -> Config:
+    d = dict(d)
+    d["layer_types"] = tuple(d["layer_types"])
+    if d.get("vision") is not None:
+        d["vision"] = VisionConfig(**d["vision"])
+    return Config(**d)
+
+
+def _write(state: dict, f) -> None:
+    torch.save(state, f)
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """torch.save to `path` atomically: temporary file in the same folder, fsync, os.replace."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        _write(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable gemmakit checkpoint ({e})") from None
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+    flag = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+def train(model: torch.nn.Module, data: PackedData, cfg: TrainConfig, out_dir: str | Path,
+          loss_fn: LossFn | None = None, val: PackedData | None = None, resume: bool = False,
+          extra_state: dict[str, Any] | None = None, rank: int = 0) -> dict[str, Any]:
+    """Train `model` in place for cfg.steps optimizer steps; returns {"step", "interrupted", "log"}.
+
+    Writes out_dir/checkpoint.pt every cfg.ckpt_every steps, at the end and on SIGINT/SIGTERM, and one
+    JSON line per step to out_dir/log.jsonl. With resume=True the run continues from checkpoint.pt.
+    `extra_state` (e.g. the distillation settings) is stored in the checkpoint as it is.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loss_fn = loss_fn or ce_loss(cfg.chunk)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    step = 0
+    log_path = out / LOG
+    if resume:
+        ck = load_checkpoint(out / CHECKPOINT)
+        load_full_state_dicts(model, opt, ck["model"], ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        data.load_state_dict(ck["data"])
+        _set_rng_state(ck["rng"])
+        step = ck["step"]
+        if log_path.exists() and rank == 0:  # drop lines of steps after the checkpoint (they are redone)
+            lines = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            log_path.write_text("".join(ln + "\n" for ln in lines))
+    else:
+        torch.manual_seed(cfg.seed)
+        if rank == 0:
+            log_path.write_text("")
+
+    def checkpoint() -> None:
+        model_sd, opt_sd = full_state_dicts(model, opt)  # collective under FSDP: every rank calls it
+        if rank != 0:
+            return
+        save_checkpoint(out / CHECKPOINT, {
+            "step": step, "model": model_sd, "optimizer": opt_sd,
+            "scheduler": sched.state_dict(), "data": data.state_dict(), "rng": _rng_state(),
+            "config": config_to_dict(model.config), "train_config": dataclasses.asdict(cfg),
+            "extra": extra_state or {}})
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    history: list[dict] = []
+    interrupted = None
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=rank != 0)
+    with _stop_on_signals() as stop, open(log_path, "a") if rank == 0 else contextlib.nullcontext() as log:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss_sum, n_tokens = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                batch = data.next_batch()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = loss_fn(model, batch) / cfg.grad_accum
+                loss.backward()
+                loss_sum += float(loss.detach())
+                n_tokens += batch["tokens"].numel()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            if hasattr(gnorm, "full_tensor"):  # a DTensor under FSDP2
+                gnorm = gnorm.full_tensor()
+            loss_sum = mean_across_ranks(loss_sum)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            step += 1
+            rec = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": float(gnorm),
+                   "tokens_per_s": n_tokens / (time.perf_counter() - t0)}
+            if val is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                rec["val_loss"] = evaluate(model, val, cfg.chunk, cfg.eval_batches, cfg.bf16)
+            if val is not None and step == cfg.steps:
+                rec["val_loss"] = evaluate(model, val, cfg.chunk, cfg.eval_batches, cfg.bf16)
+            history.append(rec)
+            if log is not None:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if stop["signal"] or step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint()
+            if stop["signal"]:
+                interrupted = stop["signal"]
+                break
+    bar.close()
+    return {"step": step, "interrupted": interrupted, "log": history}

@@ -1,0 +1,174 @@
+"""Trainer: schedule, exact resume after SIGINT, checkpoints that survive a kill mid-write, gradient
+accumulation, activation checkpointing, bf16, and FSDP2 on 2 gloo processes against one process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from gemmakit.config import get_config
+from gemmakit.model import build
+from gemmakit.train import data as D
+from gemmakit.train import trainer as T
+from gemmakit.train.parallel import apply_activation_checkpointing
+
+CFG = get_config("gemma3-270m").replace(name="tiny", vocab_size=300, d_model=32, n_layers=2, n_heads=2,
+                                        n_kv_heads=1, head_dim=16, intermediate_size=64, sliding_window=8,
+                                        layer_types=("local", "global"))
+
+
+def encode(text):
+    return [b + 3 for b in text.encode()]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    src = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}"}) for i in range(60)]
+    src.write_text("\n".join(lines) + "\n")
+    D.prepare([src], encode, tmp_path / "data", CFG.vocab_size, val_fraction=0.1)
+    return tmp_path / "data"
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    m = build(CFG, "cpu")
+    m.init_weights()
+    return m
+
+
+def tcfg(**kw):
+    base = dict(steps=6, batch_size=2, seq_len=16, lr=3e-3, warmup=2, ckpt_every=2, seed=0, chunk=7)
+    return T.TrainConfig(**{**base, **kw})
+
+
+def test_lr_schedule():
+    f = T.lr_lambda(T.TrainConfig(steps=110, warmup=10, min_lr_ratio=0.1))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_resume_after_sigint_gives_identical_losses(data_dir, tmp_path):
+    cfg = tcfg(mask_documents=True)
+    ref = T.train(model(), D.PackedData(data_dir, "train", 16, 2, True, seed=3), cfg, tmp_path / "a")
+    assert ref["interrupted"] is None and ref["step"] == 6
+
+    ce = T.ce_loss(cfg.chunk)
+    calls = {"n": 0}
+
+    def interrupting(m, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # during step 3: the step finishes, a checkpoint is written, train returns
+            os.kill(os.getpid(), signal.SIGINT)
+        return ce(m, batch)
+
+    first = T.train(model(), D.PackedData(data_dir, "train", 16, 2, True, seed=3), cfg, tmp_path / "b",
+                    loss_fn=interrupting)
+    assert first["interrupted"] == "SIGINT" and first["step"] == 3
+    assert T.load_checkpoint(tmp_path / "b" / T.CHECKPOINT)["step"] == 3
+    # a different initial model and a fresh loader: everything must come from the checkpoint
+    second = T.train(model(seed=9), D.PackedData(data_dir, "train", 16, 2, True, seed=3), cfg, tmp_path / "b",
+                     resume=True)
+    losses = [r["loss"] for r in first["log"] + second["log"]]
+    assert losses == [r["loss"] for r in ref["log"]]
+    log = [json.loads(x) for x in (tmp_path / "b" / T.LOG).read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 for r in log)
+
+
+KILLER = """
+import os, sys, torch
+from gemmakit.train import trainer as T, data as D
+from tests.test_trainer import model, tcfg
+real = T._write
+def dying(state, f):
+    if state["step"] == 4:  # second checkpoint: write half of it, then die without cleanup
+        import io
+        buf = io.BytesIO(); real(state, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
+        os._exit(9)
+    real(state, f)
+T._write = dying
+T.train(model(), D.PackedData(sys.argv[1], "train", 16, 2), tcfg(), sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_keeps_previous(data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", KILLER, str(data_dir), str(out)], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 9, r.stderr
+    assert (out / (T.CHECKPOINT + ".tmp")).exists()  # the half-written file is there ...
+    ck = T.load_checkpoint(out / T.CHECKPOINT)  # ... and the previous checkpoint is intact
+    assert ck["step"] == 2
+    with pytest.raises(ValueError, match="not a readable"):
+        T.load_checkpoint(out / (T.CHECKPOINT + ".tmp"))
+    res = T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(), out, resume=True)
+    assert res["step"] == 6 and [r["step"] for r in res["log"]] == [3, 4, 5, 6]
+
+
+def test_grad_accumulation_equals_bigger_batch(data_dir, tmp_path):
+    a = T.train(model(), D.PackedData(data_dir, "train", 16, 4), tcfg(steps=2), tmp_path / "a")
+    b = T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(steps=2, grad_accum=2), tmp_path / "b")
+    for x, y in zip(a["log"], b["log"]):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def test_activation_checkpointing_same_gradients(data_dir):
+    batch = D.PackedData(data_dir, "train", 16, 2).next_batch()
+    grads = []
+    for ckpt in (False, True):
+        m = model()
+        if ckpt:
+            apply_activation_checkpointing(m)
+        T.ce_loss(5)(m, batch).backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_bf16_training_learns(data_dir, tmp_path):
+    res = T.train(model(), D.PackedData(data_dir, "train", 16, 4), tcfg(steps=20, lr=1e-2, bf16=True, ckpt_every=100),
+                  tmp_path / "r", val=D.PackedData(data_dir, "val", 16, 4))
+    losses = [r["loss"] for r in res["log"]]
+    assert losses[-1] < losses[0] - 1.5
+    assert res["log"][-1]["val_loss"] < losses[0] - 1.0
+
+
+FSDP = """
+import json, sys, torch
+from gemmakit.train import trainer as T, data as D
+from gemmakit.train.parallel import init_distributed, shard
+from tests.test_trainer import model, tcfg
+rank, world = init_distributed()
+m = shard(model())
+res = T.train(m, D.PackedData(sys.argv[1], "train", 16, 2, rank=rank, world=world), tcfg(steps=4, chunk=1000),
+              sys.argv[2], rank=rank)
+if rank == 0:
+    print(json.dumps([r["loss"] for r in res["log"]]))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_two_gloo_processes_match_one_process(data_dir, tmp_path):
+    single = T.train(model(), D.PackedData(data_dir, "train", 16, 4), tcfg(steps=4, chunk=1000), tmp_path / "one")
+    script = tmp_path / "fsdp_run.py"
+    script.write_text(FSDP)
+    root = os.path.dirname(os.path.dirname(__file__))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29517", str(script), str(data_dir), str(tmp_path / "two")], capture_output=True, text=True,
+                       cwd=root, env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads(r.stdout.strip().splitlines()[-1])
+    assert two == pytest.approx([x["loss"] for x in single["log"]], rel=1e-5)
+    # the checkpoint written under FSDP holds the full (unsharded) model
+    ck = T.load_checkpoint(tmp_path / "two" / T.CHECKPOINT)
+    assert ck["model"]["model.embed_tokens.weight"].shape == (CFG.vocab_size, CFG.d_model)
