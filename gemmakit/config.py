@@ -117,7 +117,9 @@ def _gemma1(name: str, **kw: Any) -> Config:
 def _gemma2(name: str, **kw: Any) -> Config:
     kw.setdefault("head_dim", 256)
     kw.setdefault("query_pre_attn_scalar", 256)
-    return Config(name=name, generation=2, vocab_size=256000, layer_types=layer_pattern(kw["n_layers"], 2),
+    # 256128 rows as in the report (its Table 2 embedding counts are 256128 x d_model); the HF
+    # checkpoints drop the 128 unused rows (vocab_size 256000), exactly as for Gemma 1.
+    return Config(name=name, generation=2, vocab_size=256128, layer_types=layer_pattern(kw["n_layers"], 2),
                   max_seq_len=8192, sliding_window=4096, attn_softcap=50.0, final_softcap=30.0,
                   post_norms=True, **kw)
 
