@@ -49,15 +49,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def attention_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, q_segment: Tensor | None = None,
-                   k_segment: Tensor | None = None) -> Tensor:
+                   k_segment: Tensor | None = None, q_last: Tensor | None = None) -> Tensor:
     """Boolean [B, 1, T, S]: True where query may attend to key.
 
     Causal on absolute positions; with a window W, key k is visible from query q iff q - W < k <= q
     (the current token plus W - 1 before it). Keys at position -1 are empty slots or padding.
     Segments (packed documents) only see their own segment.
+    q_last [B, T]: the last position each query may see, when that is past itself: an image's soft
+    tokens see their whole image (bidirectional within it, causal before it). The window still
+    counts back from the query's own position, as the reference does.
     """
     q, k = q_pos[:, :, None], k_pos[:, None, :]
-    mask = (k >= 0) & (k <= q)
+    mask = (k >= 0) & (k <= (q if q_last is None else q_last[:, :, None]))
     if window is not None:
         mask &= k > q - window
     if q_segment is not None:
@@ -66,6 +69,16 @@ def attention_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, q_segment: 
     # stays finite (an all-masked row is NaN, and 0 * NaN would leak into real tokens' outputs).
     mask |= (q < 0)
     return mask[:, None]
+
+
+def image_last_positions(image_mask: Tensor, positions: Tensor) -> Tensor:
+    """For attention_mask's q_last: the position of the last token of each query's image run
+    (a run of consecutive soft tokens is one image), or the query's own position for text."""
+    nxt = F.pad(image_mask[:, 1:], (0, 1), value=False)
+    ends = torch.where(image_mask & ~nxt, positions, torch.iinfo(positions.dtype).max)
+    # Nearest run end at or after each token: a reversed running minimum.
+    ends = ends.flip(-1).cummin(-1).values.flip(-1)
+    return torch.where(image_mask, ends, positions)
 
 
 class Attention(nn.Module):
@@ -84,7 +97,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, cache: KVCache | None,
-                segments: Tensor | None) -> Tensor:
+                segments: Tensor | None, last: Tensor | None = None) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -96,7 +109,7 @@ class Attention(nn.Module):
         k_pos = pos
         if cache is not None:
             k, v, k_pos = cache.update(k, v, pos)
-        mask = attention_mask(pos, k_pos, self.window, segments, segments if cache is None else None)
+        mask = attention_mask(pos, k_pos, self.window, segments, segments if cache is None else None, last)
         rep = self.n_heads // self.n_kv_heads
         if self.softcap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
@@ -138,8 +151,8 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(config.d_model, config.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, cache: KVCache | None,
-                segments: Tensor | None) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, segments)
+                segments: Tensor | None, last: Tensor | None = None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, segments, last)
         if not self.post_norms:
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -162,6 +175,11 @@ class Gemma(nn.Module):
         super().__init__()
         self.config = config
         self.model = Body(config)
+        if config.vision is not None:  # Gemma 3 4B+: SigLIP tower + projector, under their HF key names
+            from gemmakit.vision import MultiModalProjector, VisionTower  # vision.py imports RMSNorm from here
+
+            self.vision_tower = VisionTower(config.vision)
+            self.multi_modal_projector = MultiModalProjector(config.vision, config.d_model)
         # Kept out of the module's buffers on purpose: model.to(bf16) must not round the frequencies.
         self.inv_freq = {GLOBAL: rope_inv_freq(config.head_dim, config.rope_base_global, config.rope_scale_global),
                          LOCAL: rope_inv_freq(config.head_dim, config.rope_base_local)}
@@ -170,7 +188,9 @@ class Gemma(nn.Module):
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Every weight in one place: N(0, std) for matrices and the embedding, zeros for norms ((1+w) = 1)."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.startswith("vision_tower.") and "norm" in name:  # SigLIP's LayerNorm: plain w and b
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("norm.weight"):
                 p.zero_()
             else:
                 p.normal_(0.0, std, generator=generator)
@@ -186,13 +206,15 @@ class Gemma(nn.Module):
 
     def hidden(self, tokens: Tensor | None = None, positions: Tensor | None = None,
                cache: list[KVCache] | None = None, embeds: Tensor | None = None,
-               segment_ids: Tensor | None = None) -> Tensor:
+               segment_ids: Tensor | None = None, image_mask: Tensor | None = None) -> Tensor:
         """Final-normed hidden states [B, T, d_model].
 
         tokens [B, T] (or `embeds` [B, T, d_model] already scaled, e.g. with image soft tokens);
         positions [B, T] absolute positions, -1 for left padding (default 0..T-1 after the cache);
         cache: one KVCache per layer from `make_cache`, updated in place;
-        segment_ids [B, T]: packed documents that must not attend to each other (no cache).
+        segment_ids [B, T]: packed documents that must not attend to each other (no cache);
+        image_mask [B, T]: True on image soft tokens; each run of them (one image) attends
+        bidirectionally within itself (see vision.embed_with_images).
         """
         x = self.embed(tokens) if embeds is None else embeds
         b, t = x.shape[:2]
@@ -201,10 +223,15 @@ class Gemma(nn.Module):
             positions = torch.arange(start, start + t, device=x.device).expand(b, t)
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training sequences, not cached decoding")
+        last = None
+        if image_mask is not None and bool(image_mask.any()):
+            if cache is not None and bool(image_mask[:, -1].any()):
+                raise ValueError("an image's soft tokens must all be in one forward pass (prefill it whole)")
+            last = image_last_positions(image_mask, positions)
         rope = {kind: rope_cos_sin(positions, f, x.dtype) for kind, f in self.inv_freq.items()}
         for i, layer in enumerate(self.model.layers):
             cos, sin = rope[layer.kind]
-            x = layer(x, cos, sin, positions, cache[i] if cache else None, segment_ids)
+            x = layer(x, cos, sin, positions, cache[i] if cache else None, segment_ids, last)
         return self.model.norm(x)
 
     def logits(self, h: Tensor) -> Tensor:
@@ -216,8 +243,8 @@ class Gemma(nn.Module):
 
     def forward(self, tokens: Tensor | None = None, positions: Tensor | None = None,
                 cache: list[KVCache] | None = None, embeds: Tensor | None = None,
-                segment_ids: Tensor | None = None) -> Tensor:
-        return self.logits(self.hidden(tokens, positions, cache, embeds, segment_ids))
+                segment_ids: Tensor | None = None, image_mask: Tensor | None = None) -> Tensor:
+        return self.logits(self.hidden(tokens, positions, cache, embeds, segment_ids, image_mask))
 
 
 def build(config: Config, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> Gemma:

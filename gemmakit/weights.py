@@ -39,7 +39,16 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Checkpoint key prefix -> gemmakit prefix, first match wins. Text-only checkpoints (GemmaForCausalLM,
 # Gemma2ForCausalLM, Gemma3ForCausalLM) already use our names; wrapped models add their prefixes here
 # (Gemma3ForConditionalGeneration: `model.language_model.`, `language_model.model.`, vision tower, projector).
-_RENAMES: list[tuple[str, str]] = []
+_RENAMES: list[tuple[str, str]] = [
+    ("model.language_model.", "model."),  # transformers 5 in memory
+    ("language_model.model.", "model."),  # Google's published Gemma 3 4B/12B/27B (and transformers 5 on disk)
+    ("language_model.lm_head.", "lm_head."),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("vision_tower.vision_model.", "vision_tower.vision_model."),  # already ours: keep before the next rule
+    ("vision_tower.", "vision_tower.vision_model."),  # transformers 5 drops `vision_model.` when saving
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+]
 
 
 class CheckpointError(ValueError):
@@ -125,8 +134,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 def sanitize(state_dict: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
     """Checkpoint names -> gemmakit names: apply `_RENAMES`, drop the tied LM head."""
     out: dict[str, Tensor] = {}
+    # A text-only config keeps vision keys as they are, so "unexpected vision_tower..." names them.
+    renames = _RENAMES if config.vision is not None else [r for r in _RENAMES if "vision" not in r[0]]
     for key, tensor in state_dict.items():
-        new = next((n + key[len(o):] for o, n in _RENAMES if key.startswith(o)), key)
+        new = next((n + key[len(o):] for o, n in renames if key.startswith(o)), key)
         if new in out:
             raise CheckpointError(f"two checkpoint tensors map to {new}")
         out[new] = tensor
@@ -204,6 +215,8 @@ def save(model: Gemma, path: str | os.PathLike, dtype: torch.dtype | None = None
 
     state = {k: (v if dtype is None else v.to(dtype)).detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
+    if model.config.vision is not None:  # Gemma3ForConditionalGeneration: Google's published key names
+        state = {("language_model." + k if k.startswith("model.") else k): v for k, v in state.items()}
     hf = to_hf(model.config)
     hf["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes)

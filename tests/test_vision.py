@@ -1,0 +1,302 @@
+"""Gemma 3 vision: the SigLIP tower counted on meta, logits against transformers' tiny random
+Gemma3ForConditionalGeneration (one image, two images, Pan & Scan crops), cached and batched decoding
+with images, the bidirectional image mask against literal matrices, and the refusals."""
+
+import json
+import types
+
+import pytest
+import torch
+
+from gemmakit import vision, weights
+from gemmakit.cache import make_cache
+from gemmakit.config import from_hf, get_config
+from gemmakit.image import PanScan, preprocess
+from gemmakit.model import attention_mask, build, image_last_positions
+
+transformers = pytest.importorskip("transformers")
+Image = pytest.importorskip("PIL.Image")
+
+BOI, EOI = vision.BOI_ID, vision.EOI_ID
+IMG = 262144
+SIZE = 32  # tiny tower: 32x32 pixels, 4x4 patches -> an 8x8 grid, pooled 2x2 -> 16 soft tokens per image
+N_SOFT = 16
+WINDOW = 6  # shorter than one image's soft tokens, so the window cuts into bidirectional image attention
+
+
+def tiny_hf_config():
+    return transformers.Gemma3Config(
+        text_config=dict(vocab_size=262208, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=WINDOW,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                         max_position_embeddings=512, query_pre_attn_scalar=16),
+        vision_config=dict(image_size=SIZE, patch_size=4, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=40, vision_use_head=False),
+        mm_tokens_per_image=N_SOFT)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers model, gemmakit model loaded from its save_pretrained directory, that directory)."""
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(tiny_hf_config()).eval()
+    with torch.no_grad():  # move every weight off its init value (norms start at 0, biases at 0, ...)
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    path = tmp_path_factory.mktemp("tiny_gemma3_vision")
+    hf.save_pretrained(path)
+    return hf, load_dir(path), path
+
+
+def load_dir(path):
+    return weights.load(path, dtype=torch.float32)
+
+
+def hf_logits(hf, ids, pixels):
+    with torch.no_grad():
+        return hf(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == IMG).long()).logits
+
+
+def ours(model, ids, pixels, **kw):
+    with torch.no_grad():
+        embeds, image_mask = vision.embed_with_images(model, ids, pixels)
+        return model(embeds=embeds, image_mask=image_mask, **kw)
+
+
+def image_ids(num_crops=0):
+    """Token ids of one image's text at the id level (what tokenizing image_text + expand gives)."""
+    view = [108, BOI] + [IMG] * N_SOFT + [EOI, 108]
+    if not num_crops:
+        return view
+    return [8291, 603] + view + [578, 1517] + sum(([236743] + view for _ in range(num_crops)), [])[1:]
+
+
+def pixels(n, seed):
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+# -- the real sizes ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gemma3-4b", "gemma3-12b", "gemma3-27b"])
+def test_real_vision_tower_counted_on_meta(name):
+    config = get_config(name)
+    model = build(config)  # meta: shapes only
+    tower = sum(p.numel() for p in model.vision_tower.parameters())
+    projector = sum(p.numel() for p in model.multi_modal_projector.parameters())
+    assert tower == 416_866_032  # the report's "417M"
+    assert tower == config.param_counts()["vision"]
+    assert projector == config.param_counts()["projector"] == 1152 + 1152 * config.d_model
+    assert model.multi_modal_projector.kernel == 4  # 64x64 patches -> 16x16 = 256 tokens
+    assert model.vision_tower.vision_model.encoder.layers[0].mlp.fc1.out_features == 4304
+
+
+def test_text_only_model_refuses_images():
+    model = build(get_config("gemma3-1b"))
+    assert not hasattr(model, "vision_tower")
+    with pytest.raises(ValueError, match="has no vision tower"):
+        vision.encode_images(model, torch.zeros(1, 3, 896, 896))
+
+
+# -- parity with transformers ----------------------------------------------------------------------
+
+def test_config_read_from_hf_dir(pair):
+    _, model, path = pair
+    c = model.config
+    assert c.vision.image_size == SIZE and c.vision.tokens_per_image == N_SOFT and c.image_token_id == IMG
+    assert c.vocab_size == 262208 and c == from_hf(json.loads((path / "config.json").read_text()), c.name)
+
+
+def _relabel(key, form):
+    """One HF Gemma3ForConditionalGeneration key in each of the layouts found in the wild."""
+    for prefix in ("language_model.model.", "vision_tower.", "multi_modal_projector."):
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            break
+    if form == "google":  # as Google published the 4B/12B/27B checkpoints
+        return {"language_model.model.": "language_model.model.", "vision_tower.": "vision_tower.vision_model.",
+                "multi_modal_projector.": "multi_modal_projector."}[prefix] + rest
+    return {"language_model.model.": "model.language_model.", "vision_tower.": "model.vision_tower.",
+            "multi_modal_projector.": "model.multi_modal_projector."}[prefix] + rest  # transformers 5 in memory
+
+
+@pytest.mark.parametrize("form", ["google", "transformers5"])
+def test_other_key_layouts_load_strictly(pair, form, tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, model, path = pair
+    state = load_file(path / "model.safetensors")
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    renamed = {_relabel(k, form): v for k, v in state.items()}
+    renamed["lm_head.weight" if form != "google" else "language_model.lm_head.weight"] = \
+        state["language_model.model.embed_tokens.weight"].clone()  # a stored copy of the tied head is accepted
+    save_file(renamed, tmp_path / "model.safetensors")
+    again = load_dir(tmp_path)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    del renamed[next(k for k in renamed if "multi_modal_projector" in k)]
+    save_file(renamed, tmp_path / "model.safetensors")
+    with pytest.raises(weights.CheckpointError, match="missing multi_modal_projector"):
+        load_dir(tmp_path)
+
+
+def test_save_loads_in_transformers(pair, tmp_path):
+    hf, model, _ = pair
+    weights.save(model, tmp_path / "out")
+    back = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.tensor([[2, 40] + image_ids() + [41, 42]])
+    px = pixels(1, 7)
+    torch.testing.assert_close(hf_logits(back, ids, px), hf_logits(hf, ids, px), rtol=0, atol=0)
+    reloaded = load_dir(tmp_path / "out")
+    torch.testing.assert_close(ours(reloaded, ids, px), ours(model, ids, px), rtol=0, atol=0)
+
+
+def test_logits_one_image(pair):
+    hf, model, _ = pair
+    ids = torch.tensor([[2, 105, 2364, 107] + image_ids() + [9, 10, 11, 12, 13, 106, 107]])
+    px = pixels(1, 1)
+    want = hf_logits(hf, ids, px)
+    torch.testing.assert_close(ours(model, ids, px), want, rtol=0, atol=1e-5)
+    # The mask matters: the same prompt with a causal-only mask is measurably different.
+    with torch.no_grad():
+        causal = model(embeds=vision.embed_with_images(model, ids, px)[0])
+    assert (causal - want).abs().max() > 1e-3
+
+
+def test_logits_two_images(pair):
+    hf, model, _ = pair
+    ids = torch.tensor([[2, 50, 51] + image_ids() + [52, 53] + image_ids() + [54, 55, 56]])
+    px = pixels(2, 2)
+    torch.testing.assert_close(ours(model, ids, px), hf_logits(hf, ids, px), rtol=0, atol=1e-5)
+
+
+def test_logits_pan_and_scan(pair, tmp_path):
+    hf, model, _ = pair
+    g = torch.Generator().manual_seed(3)
+    Image.fromarray(torch.randint(0, 256, (300, 1000, 3), generator=g, dtype=torch.uint8).numpy()).save(
+        tmp_path / "wide.png")
+    proc = transformers.models.gemma3.image_processing_pil_gemma3.Gemma3ImageProcessorPil(
+        size={"height": SIZE, "width": SIZE}, do_pan_and_scan=True, pan_and_scan_min_crop_size=256,
+        pan_and_scan_max_num_crops=4, pan_and_scan_min_ratio_to_activate=1.2)
+    ref = proc(images=[Image.open(tmp_path / "wide.png")], return_tensors="pt")
+    px = preprocess(tmp_path / "wide.png", SIZE, PanScan())
+    n_crops = px.shape[0] - 1
+    assert n_crops == int(ref["num_crops"][0]) == 3
+    torch.testing.assert_close(px, ref["pixel_values"], rtol=0, atol=1e-5)
+    ids = torch.tensor([[2, 70] + image_ids(n_crops) + [71, 72]])
+    torch.testing.assert_close(ours(model, ids, px), hf_logits(hf, ids, ref["pixel_values"]), rtol=0, atol=1e-5)
+
+
+def test_cached_decode_after_image_prompt_equals_full_forward(pair):
+    hf, model, _ = pair
+    prompt = [2, 60] + image_ids() + [61, 62]
+    tail = [63, 64, 65, 66, 67, 68, 69, 70]  # decoded one at a time, past the window
+    ids = torch.tensor([prompt + tail])
+    px = pixels(1, 4)
+    full = ours(model, ids, px)
+    torch.testing.assert_close(full, hf_logits(hf, ids, px), rtol=0, atol=1e-5)
+    cache = make_cache(model.config, 1, ids.shape[1])
+    assert any(c.ring for c in cache)  # local layers really wrap
+    steps = [ours(model, ids[:, :len(prompt)], px, cache=cache)]
+    with torch.no_grad():
+        for t in range(len(prompt), ids.shape[1]):
+            steps.append(model(ids[:, t:t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+
+
+def test_batched_left_padded_prompts_with_images(pair):
+    _, model, _ = pair
+    a = [2, 80] + image_ids() + [81, 82] + image_ids() + [83]
+    b = [2, 90, 91, 92] + image_ids() + [93]
+    px_a, px_b = pixels(2, 5), pixels(1, 6)
+    pad = len(a) - len(b)
+    ids = torch.tensor([a, [0] * pad + b])
+    pos = torch.tensor([list(range(len(a))), [-1] * pad + list(range(len(b)))])
+    batched = ours(model, ids, torch.cat([px_a, px_b]), positions=pos)
+    torch.testing.assert_close(batched[0], ours(model, torch.tensor([a]), px_a)[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched[1, pad:], ours(model, torch.tensor([b]), px_b)[0], rtol=0, atol=1e-5)
+
+
+def test_split_image_refused_with_cache(pair):
+    _, model, _ = pair
+    ids = torch.tensor([[2, 60] + image_ids()])
+    cache = make_cache(model.config, 1, 64)
+    embeds, mask = vision.embed_with_images(model, ids, pixels(1, 0))
+    with pytest.raises(ValueError, match="one forward pass"):
+        model(embeds=embeds[:, :8], image_mask=mask[:, :8], cache=cache)
+
+
+def test_image_count_must_match_placeholders(pair):
+    _, model, _ = pair
+    ids = torch.tensor([[2] + image_ids() + [5]])
+    with pytest.raises(ValueError, match="soft tokens"):
+        vision.embed_with_images(model, ids, pixels(2, 0))
+    with pytest.raises(ValueError, match="no image was given"):
+        vision.embed_with_images(model, ids, None)
+
+
+# -- the mask, written out ---------------------------------------------------------------------------
+
+def test_image_mask_literal():
+    # text text boi img img img eoi text: the three image tokens see each other; the rest is causal.
+    image = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    pos = torch.arange(8)[None]
+    last = image_last_positions(image, pos)
+    assert last.tolist() == [[0, 1, 2, 5, 5, 5, 6, 7]]
+    full = attention_mask(pos, pos, None, q_last=last)[0, 0].int().tolist()
+    assert full == [
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 1, 1, 1],
+    ]
+    # Window 2 (a local layer): each query keeps only keys q - 2 < k, while image tokens still see ahead.
+    local = attention_mask(pos, pos, 2, q_last=last)[0, 0].int().tolist()
+    assert local == [
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0, 0],
+        [0, 0, 0, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 1, 1],
+    ]
+
+
+def test_two_adjacent_images_stay_separate():
+    # Two runs of image tokens are two images: the first does not see into the second.
+    image = torch.tensor([[1, 1, 0, 1, 1]], dtype=torch.bool)
+    pos = torch.arange(5)[None]
+    mask = attention_mask(pos, pos, None, q_last=image_last_positions(image, pos))[0, 0].int().tolist()
+    assert mask == [
+        [1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1],
+    ]
+
+
+# -- prompt text --------------------------------------------------------------------------------------
+
+def test_image_text_matches_reference_processor():
+    full = "\n\n<start_of_image>" + "<image_soft_token>" * N_SOFT + "<end_of_image>\n\n"
+    proc = types.SimpleNamespace(full_image_sequence=full)
+    replace = transformers.models.gemma3.processing_gemma3.Gemma3Processor.replace_image_token
+    for n in (0, 2, 4):
+        want = replace(proc, {"num_crops": [n]}, 0)
+        got = vision.image_text(n).replace("<start_of_image>", "<start_of_image>" + "<image_soft_token>" * N_SOFT)
+        assert got == want
+    assert vision.image_text(2).startswith("Here is the original image \n\n<start_of_image>")
+
+
+def test_insert_images_and_expand():
+    assert vision.insert_images("Describe this image.", [0]) == vision.IMAGE_TEXT + "Describe this image."
+    text = vision.insert_images("A <start_of_image> and B <start_of_image>?", [0, 2])
+    assert text == "A " + vision.image_text(0) + " and B " + vision.image_text(2) + "?"
+    with pytest.raises(ValueError, match="markers"):
+        vision.insert_images("one <start_of_image>", [0, 0])
+    assert vision.expand_image_tokens([2, 108, BOI, EOI, 108], 3, IMG) == [2, 108, BOI, IMG, IMG, IMG, EOI, 108]
