@@ -21,32 +21,53 @@ class KVCache:
         self.k = torch.zeros(batch, n_kv_heads, size, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((batch, size), -1, dtype=torch.long, device=device)
-        self.offset = 0  # tokens written so far (shared by the batch; padding has position -1)
+        # Tokens written so far (shared by the batch; padding has position -1). A tensor, not an int,
+        # so that a compiled decode step advances it in place instead of recompiling for every value.
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+
+    @property
+    def offset(self) -> int:
+        return int(self.step)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store new keys/values [B, H, T, D] at positions [B, T]; return what the queries attend to."""
-        t = k.shape[2]
+        """Store new keys/values [B, H, T, D] at positions [B, T]; return what the queries attend to.
+
+        The result may include empty slots (position -1): the mask, built from positions, hides them.
+        """
+        t, dtype = k.shape[2], k.dtype
+        if t == 1:
+            # Decode: one token, written in place; static shapes, no host sync (compile-friendly).
+            # In a full ring the slot overwritten holds position q - W, the first one out of the window.
+            if not self.ring and not torch.compiler.is_compiling() and self.offset >= self.size:
+                raise ValueError(f"KV cache holds {self.size} tokens; it is full")
+            slot = (self.step % self.size if self.ring else self.step).view(1)
+            self.k.index_copy_(2, slot, k.to(self.k.dtype))
+            self.v.index_copy_(2, slot, v.to(self.v.dtype))
+            self.pos.index_copy_(1, slot, pos)
+            self.step += 1
+            return self.k.to(dtype), self.v.to(dtype), self.pos
+        offset = self.offset
         if not self.ring:
-            if self.offset + t > self.size:
-                raise ValueError(f"KV cache holds {self.size} tokens; {self.offset} + {t} do not fit")
-            end = self.offset + t
-            self.k[:, :, self.offset:end] = k
-            self.v[:, :, self.offset:end] = v
-            self.pos[:, self.offset:end] = pos
-            self.offset = end
-            return self.k[:, :, :end], self.v[:, :, :end], self.pos[:, :end]
+            if offset + t > self.size:
+                raise ValueError(f"KV cache holds {self.size} tokens; {offset} + {t} do not fit")
+            end = offset + t
+            self.k[:, :, offset:end] = k
+            self.v[:, :, offset:end] = v
+            self.pos[:, offset:end] = pos
+            self.step += t
+            return self.k[:, :, :end].to(dtype), self.v[:, :, :end].to(dtype), self.pos[:, :end]
         # Ring: the new tokens must see the old window *and* each other, so attend to old ++ new
         # (a prompt longer than the window is prefilled in one pass), then keep only the newest `size`.
-        keys = torch.cat([self.k, k], dim=2)
-        values = torch.cat([self.v, v], dim=2)
+        keys = torch.cat([self.k.to(dtype), k], dim=2)
+        values = torch.cat([self.v.to(dtype), v], dim=2)
         positions = torch.cat([self.pos, pos], dim=1)
         keep = min(t, self.size)
-        slots = torch.arange(self.offset + t - keep, self.offset + t, device=self.k.device) % self.size
-        self.k[:, :, slots] = k[:, :, t - keep:]
-        self.v[:, :, slots] = v[:, :, t - keep:]
+        slots = torch.arange(offset + t - keep, offset + t, device=self.k.device) % self.size
+        self.k[:, :, slots] = k[:, :, t - keep:].to(self.k.dtype)
+        self.v[:, :, slots] = v[:, :, t - keep:].to(self.v.dtype)
         self.pos[:, slots] = pos[:, t - keep:]
-        self.offset += t
+        self.step += t
         return keys, values, positions
 
     def nbytes(self) -> int:

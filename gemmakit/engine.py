@@ -1,0 +1,119 @@
+"""Prefill + decode as a token generator: batched prompts of different lengths, per-sequence stops.
+
+`generate` is the one loop that the CLI, the chat REPL and the benchmarks consume. Prompts are left
+padded (padding gets position -1, which the model's mask hides), prefilled in one pass, then decoded
+one token per step for the whole batch. The decode step can be compiled (`compile=True`): every step
+has the same shapes and the caches advance in place, so torch.compile traces it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from gemmakit.cache import make_cache
+from gemmakit.model import Gemma
+from gemmakit.sample import sample
+
+_KV_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def check_length(model: Gemma, prompt_len: int, max_new_tokens: int) -> None:
+    """A prompt plus its new tokens must fit the model's context: say the limit, do not run past it."""
+    limit = model.config.max_seq_len
+    if prompt_len + max_new_tokens > limit:
+        raise ValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds "
+                         f"{model.config.name}'s context length of {limit} tokens")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """tokens [B, L] (padding id 0) and positions [B, L] (-1 on padding) for prompts right-aligned."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
+    positions = torch.full((len(prompts), longest), -1, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            tokens[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+            positions[i, longest - len(p):] = torch.arange(len(p))
+    return tokens.to(device), positions.to(device)
+
+
+def _decode_step(model: Gemma, token: Tensor, pos: Tensor, cache: list) -> Tensor:
+    """Logits [B, V] of one new token per sequence (token, pos: [B, 1])."""
+    return model(token, pos, cache)[:, -1]
+
+
+_compiled: dict[int, Callable] = {}
+
+
+def decode_fn(compile: bool) -> Callable:
+    """The decode step, eager or compiled once per process (dynamic=False: shapes never change)."""
+    if not compile:
+        return _decode_step
+    if 0 not in _compiled:
+        _compiled[0] = torch.compile(_decode_step, dynamic=False, fullgraph=True)
+    return _compiled[0]
+
+
+@torch.inference_mode()
+def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, stop_ids: Sequence[int] = (),
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, seed: int | None = None, kv_dtype: torch.dtype | str | None = None,
+             embeds: Tensor | None = None, compile: bool = False) -> Iterator[list[int | None]]:
+    """Yield, once per decode step, one new token id per prompt (None once that sequence has stopped).
+
+    A stop id is yielded once, then None for that sequence; the generator ends when every sequence has
+    stopped or produced `max_new_tokens`. `embeds` [B, L, d_model] replaces the token embeddings of
+    the (left-padded) prompts, e.g. with image soft tokens spliced in. `kv_dtype` defaults to the
+    model's dtype. Sampling uses `seed` through its own generator: the same seed gives the same tokens.
+    """
+    if not prompts:
+        raise ValueError("no prompts given")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: a prompt needs at least one token (e.g. <bos>)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for p in prompts:
+        check_length(model, len(p), max_new_tokens)
+    vocab = model.config.vocab_size
+    if bad := [t for p in prompts for t in p if not 0 <= t < vocab]:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
+    if isinstance(kv_dtype, str):
+        try:
+            kv_dtype = _KV_DTYPES[kv_dtype]
+        except KeyError:
+            raise ValueError(f"unknown kv dtype {kv_dtype!r}; use one of {', '.join(_KV_DTYPES)}") from None
+
+    device = model.model.embed_tokens.weight.device
+    tokens, positions = left_pad(prompts, device)
+    b, longest = tokens.shape
+    if embeds is not None and embeds.shape[:2] != (b, longest):
+        raise ValueError(f"embeds of shape {tuple(embeds.shape)} do not match the padded prompts {(b, longest)}")
+    # Every sequence advances one slot per step, so the caches need the longest prompt + the new tokens
+    # (minus the last token, which is never fed back).
+    cache = make_cache(model.config, b, longest + max_new_tokens - 1, kv_dtype or model.dtype, device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
+
+    # Prefill: the LM head only on the last column (left padding puts every prompt's end there).
+    h = model.hidden(None if embeds is not None else tokens, positions, cache, embeds=embeds)
+    logits = model.logits(h[:, -1])
+    step = decode_fn(compile)
+    next_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None]
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        new = sample(logits, **pick)
+        out: list[int | None] = [None if d else t for t, d in zip(new.tolist(), done.tolist())]
+        yield out
+        done |= torch.isin(new, stops)
+        if bool(done.all()) or i == max_new_tokens - 1:
+            return
+        # Finished sequences keep stepping (their outputs are ignored) so the batch keeps one shape.
+        logits = step(model, new[:, None], next_pos, cache)
+        next_pos = next_pos + 1

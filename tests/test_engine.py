@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from gemmakit.config import get_config
+from gemmakit.engine import generate
+from gemmakit.model import build
+
+
+def tiny(name="gemma3-270m", **kw):
+    """A tiny random model of the preset's family (window 6 so the ring buffers wrap)."""
+    cfg = get_config(name)
+    cfg = cfg.replace(name=f"tiny-{name}", vocab_size=97, d_model=48, n_heads=4, n_kv_heads=2, head_dim=16,
+                      intermediate_size=96, n_layers=len(cfg.layer_types[:6]), layer_types=cfg.layer_types[:6],
+                      max_seq_len=64, sliding_window=6 if cfg.sliding_window else None, **kw)
+    model = build(cfg, "cpu")
+    g = torch.Generator().manual_seed(0)
+    model.init_weights(std=0.02, generator=g)
+    # Large projections and nonzero norms: with small ones a tied-embedding model mostly echoes its
+    # last input token, and greedy outputs would be too uniform to tell a wrong cache from a right one.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.normal_(0, 0.3, generator=g)
+            elif "proj" in n:
+                p.normal_(0, 0.5, generator=g)
+    return model.eval()
+
+
+def reference_greedy(model, prompt, n):
+    """Greedy decoding the slow way: a full forward over the whole sequence for every token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def run(model, prompts, n, **kw):
+    steps = list(generate(model, prompts, n, **kw))
+    return [[s[i] for s in steps] for i in range(len(prompts))]
+
+
+PROMPTS = [[2, 5, 9, 14, 3, 7, 7, 1, 40, 41, 42], [2, 60], [2, 11, 12, 13, 80, 81]]
+
+
+@pytest.mark.parametrize("name", ["gemma-2b", "gemma2-2b", "gemma3-270m"])
+def test_greedy_equals_full_forward_and_batched_equals_unbatched(name):
+    model = tiny(name)
+    n = 20  # 11 + 20 > 3 windows of 6: the local caches wrap several times
+    refs = [reference_greedy(model, p, n) for p in PROMPTS]
+    assert all(len(set(r)) >= 4 for r in refs)  # the model does not just repeat one token
+    assert [run(model, [p], n)[0] for p in PROMPTS] == refs
+    assert run(model, PROMPTS, n) == refs
+
+
+def test_seeded_sampling_is_repeatable():
+    model = tiny()
+    kw = dict(temperature=1.0, top_k=50, top_p=0.95, min_p=0.01)
+    a = run(model, PROMPTS, 15, seed=123, **kw)
+    assert a == run(model, PROMPTS, 15, seed=123, **kw)
+    assert a != run(model, PROMPTS, 15, seed=124, **kw)
+
+
+def test_each_sequence_stops_on_its_own():
+    model = tiny()
+    refs = [reference_greedy(model, p, 10) for p in PROMPTS]
+    k0 = next(k for k in range(2, 10) if refs[0][k] not in refs[0][:k])
+    stop = refs[0][k0]  # a token the first sequence first emits at step k0 >= 2
+    out = run(model, PROMPTS, 10, stop_ids=[stop, 96])
+    for ref, got in zip(refs, out):
+        k = ref.index(stop) if stop in ref else None
+        if k is None:
+            assert got == ref
+        else:  # the stop token is yielded once, then None
+            assert got[:k + 1] == ref[:k + 1] and all(t is None for t in got[k + 1:])
+    assert out[0][k0] == stop and out[0][k0 + 1] is None
+    # When every sequence has stopped the generator ends early.
+    steps = list(generate(model, [PROMPTS[0]], 10, stop_ids=[stop]))
+    assert len(steps) == k0 + 1
+
+
+def test_context_limit_is_an_error_naming_it():
+    model = tiny()
+    with pytest.raises(ValueError, match="context length of 64"):
+        next(generate(model, [[2] * 60], 5))
+    assert len(list(generate(model, [[2] * 60], 4))) == 4
+    with pytest.raises(ValueError, match="vocabulary"):
+        next(generate(model, [[2, 500]], 2))
+    with pytest.raises(ValueError, match="empty prompt"):
+        next(generate(model, [[]], 2))
+
+
+def test_embeds_replace_token_embeddings():
+    model = tiny()
+    prompt = PROMPTS[0]
+    embeds = model.embed(torch.tensor([prompt]))
+    assert run(model, [prompt], 6, embeds=embeds) == run(model, [prompt], 6)
