@@ -68,7 +68,7 @@ def resolve(path: str | os.PathLike) -> Path:
         return Path(snapshot_download(str(path), allow_patterns=_HUB_FILES))
     except Exception as e:  # offline, no such repo, gated repo, ...: one line naming both readings of `path`
         raise FileNotFoundError(f"{path}: not a local path, and fetching it from the Hugging Face hub failed "
-                                f"({type(e).__name__}: {e})") from e
+                                f"({type(e).__name__}: {' '.join(str(e).split())})") from e
 
 
 def _read_json(file: Path) -> dict:

@@ -90,6 +90,24 @@ def test_cached_decode_matches_full_forward(case):
     torch.testing.assert_close(cached, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_left_padded_batch_matches_transformers(case):
+    """Row 0 left-padded by 4: gemmakit's positions -1 against transformers' attention_mask + position_ids."""
+    generation, hf, out, tokens, _ = case
+    pad = 4
+    keep = torch.ones(B, T, dtype=torch.long)
+    keep[0, :pad] = 0
+    positions = (keep.cumsum(-1) - 1).masked_fill(keep == 0, -1)
+    model = weights.load(out)
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=keep, position_ids=positions.clamp(min=0)).logits
+        logits = model(tokens, positions)
+        alone = model(tokens[:1, pad:])
+    real = keep.bool()  # transformers' outputs at padding positions are not defined
+    print(f"gemma{generation} left-padded max |logits - transformers| = {max_diff(logits[real], ref[real]):.3g}")
+    torch.testing.assert_close(logits[real], ref[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0, pad:], alone[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", [3], indirect=True, ids=["gemma3"])
 def test_gemma3_transformers4_config_json(case):
     """The same Gemma 3 weights with config.json rewritten the way Google published Gemma 3 (transformers 4.x)."""
@@ -97,7 +115,8 @@ def test_gemma3_transformers4_config_json(case):
     t4 = {
         "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": COMMON["vocab_size"],
         "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 24, "max_position_embeddings": 64, "hidden_activation": "gelu_pytorch_tanh",
+        "num_key_value_heads": 2, "head_dim": 24, "max_position_embeddings": 64,
+        "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": 18, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
         "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": WINDOW, "sliding_window_pattern": 3,
         "attn_logit_softcapping": None, "final_logit_softcapping": None, "torch_dtype": "float32",
