@@ -236,4 +236,5 @@ def test_cli_info(capsys):
     out = capsys.readouterr().out
     assert "167,772,160" in out and "100,326,016" in out and "LLLLLGLLLLLGLLLLLG" in out
     assert main(["info", "gemma4-1b"]) == 1
-    assert "unknown model name 'gemma4-1b'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "gemma4-1b" in err and "gemma3-270m" in err and len(err.splitlines()) == 1  # names it, lists presets
