@@ -44,7 +44,124 @@ def describe(config: Config) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    print(describe(get_config(args.model)))
+    from gemmakit import hub
+
+    config = hub.load_config(args.model)  # a preset, GGUF file, HF directory or hub id; no weights loaded
+    print(describe(config))
+
+
+# -- running a model ------------------------------------------------------------------------------
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _add_model_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--model", default=None,
+                   help="GGUF file, HF directory or hub id (default: the embedded Gemma 3 270M)")
+    s.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="compute dtype (default float32)")
+
+
+def _add_sampling_args(s: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    s.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    s.add_argument("--top-p", type=float, default=None, help="keep the smallest set reaching probability p")
+    s.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from gemmakit import hub
+
+    return hub.load(args.model, dtype=getattr(torch, _DTYPES[args.dtype]))
+
+
+def _stream(model, tokenizer, ids: list[int], args: argparse.Namespace, out=None) -> str:
+    """Generate from `ids`, writing text to `out` as it comes; return the text (stop token excluded)."""
+    from gemmakit.engine import generate
+
+    out = out or sys.stdout
+    decoder, pieces = tokenizer.stream(), []
+    for (token,) in generate(model, [ids], args.max_new_tokens, stop_ids=tokenizer.stop_ids,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        if token is None or token in tokenizer.stop_ids:
+            break
+        if text := decoder.push(token):
+            pieces.append(text)
+            out.write(text)
+            out.flush()
+    pieces.append(tail := decoder.flush())
+    out.write(tail)
+    out.flush()
+    return "".join(pieces)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model, tokenizer = _load(args)
+    ids = tokenizer.encode(args.prompt)  # <bos> + prompt
+    if not args.no_echo:
+        sys.stdout.write(args.prompt)
+    _stream(model, tokenizer, ids, args)
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from gemmakit.tokenizer import encode_chat
+
+    model, tokenizer = _load(args)
+    interactive = sys.stdin.isatty()
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    if interactive:
+        print("chat with the model; /reset starts over, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        if interactive:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = encode_chat(tokenizer, messages, model.config.generation)
+        reply = _stream(model, tokenizer, ids, args)
+        sys.stdout.write("\n")
+        messages.append({"role": "model", "content": reply})
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from gemmakit import hub
+
+    out = hub.convert(args.gguf, args.out)
+    print(f"wrote {out}")
+
+
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from gemmakit.evaluate import perplexity
+
+    path = Path(args.file)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such text file: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 text (byte {e.start})") from None
+    model, tokenizer = _load(args)
+    result = perplexity(model, tokenizer.encode(text, add_bos=False), tokenizer.bos_id, args.context)
+    print(f"perplexity {result.perplexity:.4f}  tokens {result.tokens}  windows {result.windows} of "
+          f"{result.context}  ({path.name})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="config, parameter counts and memory of a model")
-    s.add_argument("model", help=f"preset name ({', '.join(CONFIGS)})")
+    s.add_argument("model", help=f"preset name ({', '.join(CONFIGS)}), GGUF file, HF directory or hub id")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    s.add_argument("prompt")
+    s.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt")
+    _add_model_args(s)
+    _add_sampling_args(s, 64)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="multi-turn chat with the model's turn template (reads stdin if not a terminal)")
+    s.add_argument("--system", default=None, help="system prompt (Gemma 3 only)")
+    _add_model_args(s)
+    _add_sampling_args(s, 256)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("convert", help="convert a GGUF file to an HF directory (safetensors + tokenizer)")
+    s.add_argument("gguf", help="input .gguf file")
+    s.add_argument("out", help="output directory (must not exist or be empty)")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("perplexity", help="perplexity of a model on a UTF-8 text file")
+    s.add_argument("file")
+    s.add_argument("--context", type=int, default=None,
+                   help="window length in tokens (non-overlapping; default: the whole file if it fits)")
+    _add_model_args(s)
+    s.set_defaults(func=cmd_perplexity)
 
     return p
 
