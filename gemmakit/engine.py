@@ -17,6 +17,7 @@ from torch import Tensor
 from gemmakit.cache import make_cache
 from gemmakit.model import Gemma
 from gemmakit.sample import sample
+from gemmakit.vision import embed_with_images
 
 _KV_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -62,12 +63,14 @@ def decode_fn(compile: bool) -> Callable:
 def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, stop_ids: Sequence[int] = (),
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, seed: int | None = None, kv_dtype: torch.dtype | str | None = None,
-             embeds: Tensor | None = None, compile: bool = False) -> Iterator[list[int | None]]:
+             embeds: Tensor | None = None, images: Tensor | None = None,
+             compile: bool = False) -> Iterator[list[int | None]]:
     """Yield, once per decode step, one new token id per prompt (None once that sequence has stopped).
 
     A stop id is yielded once, then None for that sequence; the generator ends when every sequence has
     stopped or produced `max_new_tokens`. `embeds` [B, L, d_model] replaces the token embeddings of
-    the (left-padded) prompts, e.g. with image soft tokens spliced in. `kv_dtype` defaults to the
+    the (left-padded) prompts. `images` [N, 3, S, S] (gemmakit.image.preprocess, concatenated) fill
+    the prompts' image soft-token placeholders in order (see gemmakit.vision). `kv_dtype` defaults to the
     model's dtype. Sampling uses `seed` through its own generator: the same seed gives the same tokens.
     """
     if not prompts:
@@ -90,6 +93,12 @@ def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, sto
     device = model.model.embed_tokens.weight.device
     tokens, positions = left_pad(prompts, device)
     b, longest = tokens.shape
+    image_mask = None
+    if images is not None or (embeds is None and model.config.image_token_id is not None):
+        if embeds is not None:
+            raise ValueError("pass images or embeds, not both")
+        # Images (or a vision model's prompts): soft tokens spliced in, attending bidirectionally per image.
+        embeds, image_mask = embed_with_images(model, tokens, images)
     if embeds is not None and embeds.shape[:2] != (b, longest):
         raise ValueError(f"embeds of shape {tuple(embeds.shape)} do not match the padded prompts {(b, longest)}")
     # Every sequence advances one slot per step, so the caches need the longest prompt + the new tokens
@@ -101,7 +110,7 @@ def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, sto
     pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
 
     # Prefill: the LM head only on the last column (left padding puts every prompt's end there).
-    h = model.hidden(None if embeds is not None else tokens, positions, cache, embeds=embeds)
+    h = model.hidden(None if embeds is not None else tokens, positions, cache, embeds=embeds, image_mask=image_mask)
     logits = model.logits(h[:, -1])
     step = decode_fn(compile)
     next_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None]
