@@ -236,7 +236,9 @@ class Gemma(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         """Tied LM head (the embedding, unscaled) plus Gemma 2's final soft-cap."""
-        logits = h @ self.model.embed_tokens.weight.T
+        emb = self.model.embed_tokens
+        # A quantized table (gemmakit.quant, swapped in from outside) computes h @ E^T itself.
+        logits = emb.attend(h) if hasattr(emb, "attend") else h @ emb.weight.T
         if (cap := self.config.final_softcap) is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits

@@ -1,0 +1,193 @@
+"""Weight-only int8 / int4 quantization, applied from outside the model by swapping modules.
+
+`quantize(model, "int8" | "int4")` replaces every `nn.Linear` in the decoder blocks and the tied
+embedding / LM head with modules that keep integer weights plus scales and dequantize on the fly.
+Activations stay in the model's dtype. Each module's `forward` has two paths:
+
+- few rows (decode): a broadcast-multiply-sum with the dequantization inside it. Under
+  torch.compile this becomes one fused reduction that reads the integer weights once, which is what
+  makes decoding memory-bound on the smaller weights rather than on a dequantized copy.
+- many rows (prefill): dequantize the matrix once (a temporary in the compute dtype) and use the
+  BLAS matmul, which is faster than any fused kernel when the weight is reused across many tokens.
+
+int8: symmetric per output channel, w = q * scale[row], q in [-127, 127].
+int4: asymmetric per group of `group` inputs, w = q * scale + low, q in [0, 15]; two values per byte,
+      element i of a group in the low nibble and element i + group/2 in the high nibble, so that the
+      kernel unpacks with two shifts instead of interleaving.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODES = ("int8", "int4")
+DECODE_ROWS = 16  # at most this many input rows use the fused decode path (batch 8 decode included)
+
+
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+# -- int8 -------------------------------------------------------------------------------------------
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8: (q [out, in] int8, scale [out] fp32); computed in fp32."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features, dtype=dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, scale = quantize_int8(linear.weight.detach())
+        m = cls(linear.in_features, linear.out_features, linear.weight.dtype)
+        m.weight.copy_(q)
+        m.scale.copy_(scale)
+        return m
+
+    def dequantize(self) -> Tensor:
+        return self.weight.to(self.scale.dtype) * self.scale[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _rows(x) <= DECODE_ROWS:
+            # Sum in fp32 whatever the activation dtype (the compiled kernel accumulates in fp32 anyway).
+            y = (x[..., None, :].float() * self.weight.float()).sum(-1)
+            return (y * self.scale.float()).to(x.dtype)
+        return F.linear(x, self.dequantize())
+
+
+# -- int4 -------------------------------------------------------------------------------------------
+
+def quantize_int4(w: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Group-wise asymmetric int4: (packed [out, in/group, group/2] uint8, scale and low [out, in/group])."""
+    out, inp = w.shape
+    if inp % group or group % 2:
+        raise ValueError(f"int4 needs the input width ({inp}) to be a multiple of the group size ({group})")
+    g = w.float().reshape(out, inp // group, group)
+    low, high = g.amin(-1), g.amax(-1)
+    scale = ((high - low) / 15.0).clamp(min=1e-12)
+    q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    half = group // 2
+    packed = q[..., :half] | (q[..., half:] << 4)
+    return packed, scale, low
+
+
+def _unpack_int4(packed: Tensor) -> tuple[Tensor, Tensor]:
+    """(first half, second half) of every group, as uint8 values 0..15."""
+    return packed & 15, packed >> 4
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, group: int = 32) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        n = in_features // group
+        self.register_buffer("weight", torch.zeros(out_features, n, group // 2, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, n, dtype=dtype))
+        self.register_buffer("low", torch.zeros(out_features, n, dtype=dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: int = 32) -> Int4Linear:
+        packed, scale, low = quantize_int4(linear.weight.detach(), group)
+        m = cls(linear.in_features, linear.out_features, linear.weight.dtype, group)
+        m.weight.copy_(packed)
+        m.scale.copy_(scale)
+        m.low.copy_(low)
+        return m
+
+    def dequantize(self) -> Tensor:
+        lo, hi = _unpack_int4(self.weight)
+        q = torch.cat([lo, hi], dim=-1).to(self.scale.dtype)
+        return (q * self.scale[..., None] + self.low[..., None]).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _rows(x) <= DECODE_ROWS:
+            # y = sum_g scale_g * sum_i x_i q_i + low_g * sum_i x_i, per group g: the dequantized
+            # weight never exists in memory, only the packed bytes are read.
+            half = self.group // 2
+            xg = x.float().reshape(*x.shape[:-1], 1, self.in_features // self.group, self.group)
+            lo, hi = _unpack_int4(self.weight)
+            dot = (xg[..., :half] * lo.float()).sum(-1) + (xg[..., half:] * hi.float()).sum(-1)
+            y = (dot * self.scale.float() + xg.sum(-1) * self.low.float()).sum(-1)
+            return y.to(x.dtype)
+        return F.linear(x, self.dequantize())
+
+
+# -- tied embedding / LM head --------------------------------------------------------------------------
+
+class QuantEmbedding(nn.Module):
+    """The tied embedding as a quantized matrix: rows looked up for the input, `attend` for the head."""
+
+    def __init__(self, linear: Int8Linear | Int4Linear) -> None:
+        super().__init__()
+        self.table = linear  # [vocab, d_model] viewed as a Linear from d_model to vocab
+
+    @property
+    def weight(self) -> Tensor:  # dtype/device queries only (e.g. Gemma.dtype): the compute dtype
+        return self.table.scale
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        t = self.table
+        if isinstance(t, Int8Linear):
+            return t.weight[tokens].to(t.scale.dtype) * t.scale[tokens][..., None]
+        lo, hi = _unpack_int4(t.weight[tokens])
+        q = torch.cat([lo, hi], dim=-1).to(t.scale.dtype)
+        w = q * t.scale[tokens][..., None] + t.low[tokens][..., None]
+        return w.reshape(*tokens.shape, t.in_features)
+
+    def attend(self, h: Tensor) -> Tensor:
+        """Logits h @ E^T, without materializing E."""
+        return self.table(h)
+
+
+def quantize(model: nn.Module, mode: str, group: int = 32) -> nn.Module:
+    """Swap the model's Linear layers and tied embedding for `mode` ("int8" or "int4") in place."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+
+    def convert(linear: nn.Linear) -> nn.Module:
+        return Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group)
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, convert(child))
+    body = model.model
+    emb = body.embed_tokens
+    if isinstance(emb, nn.Embedding):
+        as_linear = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
+        as_linear.weight = emb.weight  # shares storage: no copy of the table
+        body.embed_tokens = QuantEmbedding(convert(as_linear))
+    return model
+
+
+def weight_bytes(config, mode: str | None, dtype_bytes: int = 2, group: int = 32) -> int:
+    """Bytes of the text decoder's weights as stored: `mode` None (dtype_bytes each), "int8" or "int4".
+
+    Norm weights stay in the compute dtype; scales (and int4 lows) are stored in the compute dtype.
+    """
+    counts = config.param_counts()
+    d, hd = config.d_model, config.head_dim
+    # (rows, cols) of every matrix that gets quantized: the embedding and the per-layer projections.
+    mats = [(config.vocab_size, d)] + config.n_layers * [
+        (config.n_heads * hd, d), (config.n_kv_heads * hd, d), (config.n_kv_heads * hd, d), (d, config.n_heads * hd),
+        (config.intermediate_size, d), (config.intermediate_size, d), (d, config.intermediate_size)]
+    matrix_params = sum(r * c for r, c in mats)
+    other = counts["embedding"] + counts["non_embedding"] - matrix_params
+    if mode is None:
+        return (matrix_params + other) * dtype_bytes
+    if mode == "int8":
+        return matrix_params + sum(r for r, _ in mats) * dtype_bytes + other * dtype_bytes
+    if mode == "int4":
+        return matrix_params // 2 + 2 * (matrix_params // group) * dtype_bytes + other * dtype_bytes
+    raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")

@@ -1,0 +1,100 @@
+import pytest
+import torch
+from torch import nn
+
+from gemmakit.config import get_config
+from gemmakit.model import build
+from gemmakit.quant import Int4Linear, Int8Linear, QuantEmbedding, quantize, quantize_int4, quantize_int8, weight_bytes
+
+
+def tiny():
+    cfg = get_config("gemma3-270m").replace(name="tiny", vocab_size=256, d_model=64, n_heads=2, n_kv_heads=1,
+                                            head_dim=32, intermediate_size=128, n_layers=6,
+                                            layer_types=get_config("gemma3-270m").layer_types[:6],
+                                            max_seq_len=64, sliding_window=8)
+    model = build(cfg, "cpu")
+    model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+def test_int8_roundtrip_error_is_within_half_a_step():
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.shape == (48, 64) and scale.shape == (48,)
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all()
+    assert (q.abs().amax(1) == 127).all()  # every row uses its full range
+
+
+def test_int4_roundtrip_error_and_packing():
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    packed, scale, low = quantize_int4(w, 32)
+    assert packed.dtype == torch.uint8 and packed.shape == (8, 2, 16) and scale.shape == low.shape == (8, 2)
+    m = Int4Linear(64, 8, torch.float32)
+    m.weight.copy_(packed), m.scale.copy_(scale), m.low.copy_(low)
+    err = (m.dequantize() - w).abs().reshape(8, 2, 32)
+    assert (err <= scale[..., None] / 2 + 1e-5).all()
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        quantize_int4(torch.randn(4, 40), 32)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("rows", [1, 3, 40])  # fused decode path and dequantize + matmul path
+def test_linear_paths_agree_with_dequantized_weight(cls, rows):
+    lin = nn.Linear(64, 24, bias=False)
+    m = cls.from_linear(lin)
+    x = torch.randn(rows, 64)
+    y = m(x)
+    assert y.shape == (rows, 24) and y.dtype == torch.float32
+    torch.testing.assert_close(y, x @ m.dequantize().T, rtol=1e-5, atol=1e-5)
+    rel = (y - lin(x)).norm() / lin(x).norm()
+    assert rel < (0.01 if cls is Int8Linear else 0.1)
+
+
+@pytest.mark.parametrize("mode, tol", [("int8", 0.05), ("int4", 0.5)])
+def test_quantized_model_close_to_fp32_with_strict_shapes(mode, tol):
+    model = tiny()
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(tokens)
+        quantize(model, mode)
+        out = model(tokens)  # prefill path (40 rows)
+        one = model(tokens[:1, :1])  # decode path (1 row) through embedding, layers and head
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)
+    assert not any(p.is_floating_point() and p.dim() == 2 for p in model.parameters())  # no float matrices left
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < tol
+    torch.testing.assert_close(one[0, 0], out[0, 0], rtol=1e-4, atol=1e-4)
+    # Exactly the plain model with the dequantized weights: the error is only the rounding of weights.
+    plain = tiny()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, (Int8Linear, Int4Linear)):
+                target = name.removesuffix(".table") + ".weight"
+                plain.get_parameter(target).copy_(m.dequantize())
+        torch.testing.assert_close(out, plain(tokens), rtol=1e-4, atol=1e-4)
+    st = {k: v.dtype for k, v in model.state_dict().items()}
+    want = torch.int8 if mode == "int8" else torch.uint8
+    assert st["model.layers.0.self_attn.q_proj.weight"] == want
+    assert st["model.embed_tokens.table.weight"] == want
+
+
+def test_bf16_model_stays_bf16_and_bytes_match_the_plan():
+    model = tiny().to(torch.bfloat16)
+    quantize(model, "int8")
+    tokens = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert model(tokens).dtype == torch.bfloat16
+    stored = sum(t.nbytes for t in model.state_dict().values())
+    assert stored == weight_bytes(model.config, "int8", dtype_bytes=2)
+    m4 = tiny().to(torch.bfloat16)
+    quantize(m4, "int4")
+    assert sum(t.nbytes for t in m4.state_dict().values()) == weight_bytes(m4.config, "int4", dtype_bytes=2)
+    assert sum(t.nbytes for t in tiny().state_dict().values()) == weight_bytes(m4.config, None, dtype_bytes=4)
+
+
+def test_unknown_mode_is_an_error():
+    with pytest.raises(ValueError, match="int8, int4"):
+        quantize(tiny(), "int3")
