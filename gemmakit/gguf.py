@@ -221,7 +221,9 @@ def dequantize_tensor(t: ReaderTensor) -> np.ndarray:
         raise ValueError(f"tensor {t.name}: the gguf package cannot dequantize type "
                          f"{GGMLQuantizationType(t.tensor_type).name}") from None
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    return np.ascontiguousarray(flat, dtype=np.float32).reshape(shape)
+    # F32/F16 data can be a read-only view of the memory-mapped file: copy so the tensor owns its memory.
+    arr = np.ascontiguousarray(flat, dtype=np.float32)
+    return (arr if arr.flags.writeable else arr.copy()).reshape(shape)
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True
