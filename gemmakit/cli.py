@@ -47,7 +47,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     from gemmakit import hub
 
     config = hub.load_config(args.model)  # a preset, GGUF file, HF directory or hub id; no weights loaded
+    from gemmakit.engine import format_plan, memory_plan
+
+    plan = memory_plan(config, args.context or config.max_seq_len, args.batch, args.kv_dtype)  # checks first
     print(describe(config))
+    print(format_plan(plan, _fmt_bytes))
 
 
 # -- running a model ------------------------------------------------------------------------------
@@ -59,6 +63,8 @@ def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", default=None,
                    help="GGUF file, HF directory or hub id (default: the embedded Gemma 3 270M)")
     s.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="compute dtype (default float32)")
+    s.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization: int8 per channel or int4 in groups of 32 (default: none)")
 
 
 def _add_sampling_args(s: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -74,7 +80,12 @@ def _load(args: argparse.Namespace):
 
     from gemmakit import hub
 
-    return hub.load(args.model, dtype=getattr(torch, _DTYPES[args.dtype]))
+    model, tokenizer = hub.load(args.model, dtype=getattr(torch, _DTYPES[args.dtype]))
+    if args.quantize:
+        from gemmakit.quant import quantize
+
+        quantize(model, args.quantize)
+    return model, tokenizer
 
 
 def _stream(model, tokenizer, ids: list[int], args: argparse.Namespace, out=None) -> str:
@@ -171,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="config, parameter counts and memory of a model")
     s.add_argument("model", help=f"preset name ({', '.join(CONFIGS)}), GGUF file, HF directory or hub id")
+    s.add_argument("--context", type=int, default=None, help="tokens per sequence to plan for (default: the model's)")
+    s.add_argument("--batch", type=int, default=1, help="sequences served at once (default 1)")
+    s.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp32", "int8"], help="KV cache dtype (default bf16)")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("generate", help="continue a prompt, streaming the text")

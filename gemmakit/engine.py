@@ -126,3 +126,50 @@ def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, sto
         # Finished sequences keep stepping (their outputs are ignored) so the batch keeps one shape.
         logits = step(model, new[:, None], next_pos, cache)
         next_pos = next_pos + 1
+
+
+# -- memory planning ---------------------------------------------------------------------------------
+
+# Bytes per cached value. int8 is for planning only (the engine stores fp32/bf16): one byte per value
+# plus one bf16 scale per token and head, as an int8 KV cache would need.
+KV_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0}
+
+
+def kv_bytes_per_value(kv_dtype: str, head_dim: int) -> float:
+    if kv_dtype not in KV_BYTES:
+        raise ValueError(f"unknown kv dtype {kv_dtype!r}; use one of {', '.join(KV_BYTES)}")
+    return KV_BYTES[kv_dtype] + (2.0 / head_dim if kv_dtype == "int8" else 0.0)
+
+
+def memory_plan(config, context: int, batch: int = 1, kv_dtype: str = "bf16") -> dict:
+    """Weight and KV-cache bytes for serving `batch` sequences of `context` tokens (nothing allocated)."""
+    from gemmakit.cache import cache_bytes
+    from gemmakit.quant import weight_bytes
+
+    if context < 1 or batch < 1:
+        raise ValueError(f"context and batch must be >= 1, got {context} and {batch}")
+    if context > config.max_seq_len:
+        raise ValueError(f"context of {context} tokens exceeds {config.name}'s context length of "
+                         f"{config.max_seq_len} tokens")
+    bpv = kv_bytes_per_value(kv_dtype, config.head_dim)
+    vision = sum(v for k, v in config.param_counts().items() if k in ("vision", "projector"))
+    weights = {"fp32": weight_bytes(config, None, 4), "bf16": weight_bytes(config, None, 2),
+               "int8": weight_bytes(config, "int8", 2), "int4": weight_bytes(config, "int4", 2)}
+    as_built = cache_bytes(config, batch, context, bpv)
+    global_only = cache_bytes(config, batch, context, bpv, global_only=True)
+    return dict(model=config.name, context=context, batch=batch, kv_dtype=kv_dtype, weights=weights,
+                vision_bf16=2 * vision, kv_as_built=as_built, kv_global_only=global_only)
+
+
+def format_plan(plan: dict, fmt: Callable[[float], str]) -> str:
+    w, built, glob = plan["weights"], plan["kv_as_built"], plan["kv_global_only"]
+    lines = [f"memory for {plan['batch']} x {plan['context']:,} tokens, KV cache in {plan['kv_dtype']}"]
+    lines.append("  text weights  " + ", ".join(f"{k} {fmt(v)}" for k, v in w.items()))
+    if plan["vision_bf16"]:
+        lines.append(f"  vision tower  bf16 {fmt(plan['vision_bf16'])}")
+    lines.append(f"  KV cache as built (local layers keep their window)  {fmt(built)}"
+                 f"  = {built / w['bf16']:.1%} of the bf16 text weights")
+    lines.append(f"  KV cache if every layer were global                 {fmt(glob)}"
+                 f"  = {glob / w['bf16']:.1%} of the bf16 text weights")
+    lines.append(f"  as built / global-only  {built / glob:.3f}  ({glob / built:.1f}x smaller)")
+    return "\n".join(lines)
