@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gemmakit.config import Config
+from gemmakit.vision import require_vision
+
 
 @dataclass(frozen=True)
 class PanScan:
@@ -105,3 +108,11 @@ def preprocess(image: Any, size: int, pan_and_scan: PanScan | None = None) -> Te
     if pan_and_scan is not None:
         views += [img.crop(box) for box in pan_and_scan_boxes(img.width, img.height, pan_and_scan)]
     return torch.stack([to_pixels(v, size) for v in views])
+
+
+def load_images(paths: list[str | os.PathLike], config: Config, pan_and_scan: PanScan | None = None
+                ) -> tuple[Tensor, list[int]]:
+    """All views of all images for `config`'s tower, concatenated [N, 3, S, S], and each image's crop count."""
+    size = require_vision(config).image_size
+    views = [preprocess(p, size, pan_and_scan) for p in paths]
+    return torch.cat(views), [len(v) - 1 for v in views]

@@ -10,6 +10,8 @@ No I/O here: images arrive as pixel tensors from gemmakit/image.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -133,14 +135,16 @@ class MultiModalProjector(nn.Module):
 
 # -- glue: prompt ids with image placeholders -> input embeddings ----------------------------------
 
-def has_vision(model: nn.Module) -> bool:
-    return hasattr(model, "vision_tower")
+def require_vision(config: Config) -> VisionConfig:
+    """The vision config, or the error every image path gives for a text-only model."""
+    if config.vision is None:
+        raise ValueError(f"{config.name} has no vision tower: it is a text-only model and cannot take images")
+    return config.vision
 
 
 def encode_images(model: nn.Module, pixels: Tensor) -> Tensor:
     """Soft tokens [N, tokens_per_image, d_model] for N preprocessed images (see image.py)."""
-    if not has_vision(model):
-        raise ValueError(f"{model.config.name} has no vision tower: it is a text-only model and cannot take images")
+    require_vision(model.config)
     return model.multi_modal_projector(model.vision_tower(pixels.to(model.dtype)))
 
 
@@ -213,3 +217,12 @@ def insert_images(text: str, num_crops: list[int]) -> str:
         raise ValueError(f"the prompt has {found} {MARKER} markers for {len(num_crops)} image(s)")
     parts = text.split(MARKER)
     return parts[0] + "".join(image_text(n) + rest for n, rest in zip(num_crops, parts[1:]))
+
+
+def prompt_ids(encode: Callable[[str], list[int]], config: Config, text: str, num_crops: list[int]) -> list[int]:
+    """Token ids of `text` (a raw prompt or a rendered chat) carrying images with `num_crops` crops each:
+    image text in place of the markers (insert_images), tokenized by `encode`, placeholders inserted."""
+    if not num_crops:
+        return encode(text)
+    v = require_vision(config)
+    return expand_image_tokens(encode(insert_images(text, num_crops)), v.tokens_per_image, config.image_token_id)

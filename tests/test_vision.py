@@ -323,3 +323,99 @@ def test_engine_refuses_images_for_text_only_model():
     model = random_model(tiny_config(3))
     with pytest.raises(ValueError, match="has no vision tower"):
         next(generate(model, [[2, 5, 6]], 2, images=torch.zeros(1, 3, 896, 896)))
+
+
+# -- the command line ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_dir(pair, tmp_path_factory):
+    """The tiny vision checkpoint plus the real Gemma 3 tokenizer (from the embedded 270M GGUF)."""
+    import shutil
+
+    from gemmakit.gguf import read_gguf_header
+    from gemmakit.hub import default_gguf
+    from gemmakit.tokenizer import Tokenizer
+    out = tmp_path_factory.mktemp("cli") / "model"
+    shutil.copytree(pair[2], out)
+    Tokenizer.from_gguf_vocab(read_gguf_header(default_gguf())[1]).save(out)
+    return out
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every generate() call the CLI makes: (prompt ids, images)."""
+    from gemmakit import engine
+    calls, real = [], engine.generate
+
+    def spy(model, prompts, max_new_tokens, **kw):
+        calls.append((prompts[0], kw.get("images")))
+        return real(model, prompts, max_new_tokens, **kw)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    return calls
+
+
+def wide_png(tmp_path):
+    g = torch.Generator().manual_seed(11)
+    Image.fromarray(torch.randint(0, 256, (300, 1000, 3), generator=g, dtype=torch.uint8).numpy()).save(
+        tmp_path / "wide.png")
+    return tmp_path / "wide.png"
+
+
+SOFT = [BOI] + [IMG] * N_SOFT + [EOI]
+DESCRIBE = [82858, 672, 2471, 236761]  # "Describe this image." (ids from transformers' Gemma 3 tokenizer)
+
+
+@pytest.mark.real
+def test_cli_generate_with_image(cli_dir, recorded, tmp_path, capsys):
+    from gemmakit import cli
+    png = wide_png(tmp_path)
+    assert cli.main(["generate", "--model", str(cli_dir), "--image", str(png), "--max-new-tokens", "3",
+                     "Describe this image."]) == 0
+    (ids, images), = recorded
+    # <bos> "\n\n" <start_of_image> soft... <end_of_image> "\n\n" text, as transformers' processor has it
+    assert ids == [2, 108] + SOFT + [108] + DESCRIBE
+    torch.testing.assert_close(images, preprocess(png, SIZE), rtol=0, atol=0)
+    assert capsys.readouterr().out.startswith("Describe this image.")
+
+    assert cli.main(["generate", "--model", str(cli_dir), "--image", str(png), "--pan-and-scan",
+                     "--max-new-tokens", "2", "Describe this image."]) == 0
+    ids, images = recorded[1]
+    assert images.shape[0] == 4  # the original and 3 crops
+    # "Here is the original image \n\n" <image> " and here are some crops to help you see better \n\n" ...
+    here = [8291, 563, 506, 3303, 2471, 236743, 108]
+    crops_text = [108, 532, 1590, 659, 1070, 20859, 531, 1601, 611, 1460, 2480, 236743, 108]
+    assert ids == [2] + here + SOFT + crops_text + SOFT + [108, 236743, 108] + SOFT + [108, 236743, 108] + SOFT \
+        + [108] + DESCRIBE
+
+
+@pytest.mark.real
+def test_cli_chat_image_command(cli_dir, recorded, tmp_path, monkeypatch, capsys):
+    import io
+
+    from gemmakit import cli
+    from gemmakit.tokenizer import Tokenizer
+    png = wide_png(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {png}\nWhat is it?\n/image {tmp_path}/gone.png\n"
+                                                 f"/image {png}\nAnd this?\n"))
+    assert cli.main(["chat", "--model", str(cli_dir), "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"image file not found: {tmp_path}/gone.png" in err  # reported, and the chat goes on
+    question = Tokenizer.from_dir(cli_dir).encode("What is it?", add_bos=False)
+    (first, images1), (second, images2) = recorded
+    # The template puts the image at the start of the user turn.
+    assert first == [2, 105, 2364, 109] + SOFT + [108] + question + [106, 107, 105, 4368, 107]
+    assert images1.shape[0] == 1 and images2.shape[0] == 2  # the first turn's image stays in the prompt
+    assert second[:len(first)] == first and second.count(BOI) == 2
+
+
+def test_cli_image_errors(tmp_path, capsys):
+    from gemmakit import cli
+    (tmp_path / "text.png").write_text("not pixels")
+    for path, words in [(tmp_path / "gone.png", "image file not found"), (tmp_path / "text.png", "not an image")]:
+        assert cli.main(["generate", "--model", "gemma3-4b", "--image", str(path), "hi"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert words in err and str(path) in err and "\n" not in err
+    png = wide_png(tmp_path)
+    assert cli.main(["generate", "--model", "gemma3-1b", "--image", str(png), "hi"]) == 1
+    assert "gemma3-1b has no vision tower" in capsys.readouterr().err
