@@ -88,14 +88,15 @@ def _load(args: argparse.Namespace):
     return model, tokenizer
 
 
-def _stream(model, tokenizer, ids: list[int], args: argparse.Namespace, out=None) -> str:
+def _stream(model, tokenizer, ids: list[int], args: argparse.Namespace, out=None, images=None) -> str:
     """Generate from `ids`, writing text to `out` as it comes; return the text (stop token excluded)."""
     from gemmakit.engine import generate
 
     out = out or sys.stdout
     decoder, pieces = tokenizer.stream(), []
     for (token,) in generate(model, [ids], args.max_new_tokens, stop_ids=tokenizer.stop_ids,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             images=images):
         if token is None or token in tokenizer.stop_ids:
             break
         if text := decoder.push(token):
@@ -108,23 +109,58 @@ def _stream(model, tokenizer, ids: list[int], args: argparse.Namespace, out=None
     return "".join(pieces)
 
 
+def _add_image_args(s: argparse.ArgumentParser) -> None:
+    from gemmakit.image import PanScan
+
+    d = PanScan()
+    s.add_argument("--pan-and-scan", action="store_true",
+                   help="also show the model crops of wide or tall images (Gemma 3 4B+; off by default)")
+    s.add_argument("--pan-and-scan-min-crop-size", type=int, default=d.min_crop_size, metavar="PX",
+                   help=f"no crops if a crop's short side would be under PX pixels (default {d.min_crop_size})")
+    s.add_argument("--pan-and-scan-max-crops", type=int, default=d.max_crops, metavar="N",
+                   help=f"at most N crops per image (default {d.max_crops})")
+    s.add_argument("--pan-and-scan-min-ratio", type=float, default=d.min_ratio, metavar="R",
+                   help=f"crop only images with long side / short side >= R (default {d.min_ratio})")
+
+
+def _pan_and_scan(args: argparse.Namespace):
+    from gemmakit.image import PanScan
+
+    if not args.pan_and_scan:
+        return None
+    return PanScan(args.pan_and_scan_min_crop_size, args.pan_and_scan_max_crops, args.pan_and_scan_min_ratio)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    from gemmakit import hub, image, vision
+
+    pixels, crops = None, []
+    if args.image:  # read the images before loading weights: a bad file or a text-only model fails fast
+        pixels, crops = image.load_images(args.image, hub.load_config(args.model), _pan_and_scan(args))
     model, tokenizer = _load(args)
-    ids = tokenizer.encode(args.prompt)  # <bos> + prompt
+    ids = vision.prompt_ids(tokenizer.encode, model.config, args.prompt, crops)  # <bos> + images + prompt
     if not args.no_echo:
         sys.stdout.write(args.prompt)
-    _stream(model, tokenizer, ids, args)
+    _stream(model, tokenizer, ids, args, images=pixels)
     sys.stdout.write("\n")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from gemmakit.tokenizer import encode_chat
+    import torch
+
+    from gemmakit import image, vision
+    from gemmakit.tokenizer import render_chat
 
     model, tokenizer = _load(args)
     interactive = sys.stdin.isatty()
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    # Images of the whole conversation (the prompt is re-rendered every turn) and those for the next turn.
+    pixels: list = []
+    crops: list[int] = []
+    attached: list[dict] = []
     if interactive:
-        print("chat with the model; /reset starts over, /exit or Ctrl-D quits", file=sys.stderr)
+        print("chat with the model; /image PATH attaches an image to your next message, /reset starts over, "
+              "/exit or Ctrl-D quits", file=sys.stderr)
     while True:
         if interactive:
             try:
@@ -142,10 +178,24 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         if line == "/reset":
             messages = messages[:1] if args.system else []
+            pixels, crops, attached = [], [], []
             continue
-        messages.append({"role": "user", "content": line})
-        ids = encode_chat(tokenizer, messages, model.config.generation)
-        reply = _stream(model, tokenizer, ids, args)
+        if line.startswith("/image"):
+            try:
+                views, n = image.load_images([line[len("/image"):].strip()], model.config, _pan_and_scan(args))
+            except (ValueError, OSError) as e:  # a bad image ends this command, not the chat
+                print(f"gemmakit: error: {e}", file=sys.stderr)
+                continue
+            pixels.append(views)
+            crops += n
+            attached.append({"type": "image"})
+            print(f"(image attached{f' with {n[0]} crops' if n[0] else ''}; now type your message)", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": attached + [{"type": "text", "text": line}]})
+        attached = []
+        ids = vision.prompt_ids(lambda text: tokenizer.encode(text, add_bos=False), model.config,
+                                render_chat(messages, model.config.generation), crops)
+        reply = _stream(model, tokenizer, ids, args, images=torch.cat(pixels) if pixels else None)
         sys.stdout.write("\n")
         messages.append({"role": "model", "content": reply})
 
@@ -190,12 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="continue a prompt, streaming the text")
     s.add_argument("prompt")
     s.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt")
+    s.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the prompt (repeatable; Gemma 3 4B+). Each goes where the prompt says "
+                        "<start_of_image>, or before the text if it says nothing")
+    _add_image_args(s)
     _add_model_args(s)
     _add_sampling_args(s, 64)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="multi-turn chat with the model's turn template (reads stdin if not a terminal)")
     s.add_argument("--system", default=None, help="system prompt (Gemma 3 only)")
+    _add_image_args(s)
     _add_model_args(s)
     _add_sampling_args(s, 256)
     s.set_defaults(func=cmd_chat)
