@@ -207,6 +207,10 @@ def from_hf(hf: dict[str, Any], name: str = "hf") -> Config:
     if model_type == "gemma3":
         if "vision_config" in hf:
             v = {**_HF_VISION_DEFAULTS, **hf["vision_config"]}
+            if v.get("hidden_act", "gelu_pytorch_tanh") not in _GELU_TANH:
+                raise ValueError(f"unsupported vision activation {v['hidden_act']!r}; Gemma 3's SigLIP uses tanh GELU")
+            if v.get("vision_use_head"):
+                raise ValueError("vision_use_head=true: Gemma 3's vision tower has no pooling head")
             tokens = int(hf.get("mm_tokens_per_image", 256))
             vision = VisionConfig(image_size=v["image_size"], patch_size=v["patch_size"],
                                   hidden_size=v["hidden_size"], n_layers=v["num_hidden_layers"],

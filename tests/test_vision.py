@@ -97,6 +97,32 @@ def test_text_only_model_refuses_images():
         vision.encode_images(model, torch.zeros(1, 3, 896, 896))
 
 
+@pytest.mark.parametrize("change, words", [({"hidden_act": "relu"}, "vision activation"),
+                                           ({"vision_use_head": True}, "no pooling head")])
+def test_config_refuses_other_towers(change, words):
+    hf = tiny_hf_config().to_dict()
+    hf["vision_config"].update(change)
+    with pytest.raises(ValueError, match=words):
+        from_hf(hf)
+
+
+def test_init_weights_and_bf16(pair):
+    _, model, _ = pair
+    fresh = build(model.config, "cpu")
+    fresh.init_weights(generator=torch.Generator().manual_seed(0))
+    ln = fresh.vision_tower.vision_model.post_layernorm
+    assert torch.equal(ln.weight, torch.ones_like(ln.weight)) and torch.equal(ln.bias, torch.zeros_like(ln.bias))
+    assert torch.equal(fresh.multi_modal_projector.mm_soft_emb_norm.weight, torch.zeros(24))  # (1 + w) form
+    # bf16 end to end (tower, projector, decoder) stays close to fp32.
+    ids = torch.tensor([[2, 30] + image_ids() + [31, 32]])
+    px = pixels(1, 12)
+    half = build(model.config, "cpu", torch.bfloat16)
+    half.load_state_dict(model.state_dict())
+    assert half.vision_tower.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    want, got = ours(model, ids, px), ours(half, ids, px).float()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
 # -- parity with transformers ----------------------------------------------------------------------
 
 def test_config_read_from_hf_dir(pair):
@@ -367,6 +393,7 @@ DESCRIBE = [82858, 672, 2471, 236761]  # "Describe this image." (ids from transf
 
 
 @pytest.mark.real
+@pytest.mark.slow
 def test_cli_generate_with_image(cli_dir, recorded, tmp_path, capsys):
     from gemmakit import cli
     png = wide_png(tmp_path)
@@ -390,6 +417,7 @@ def test_cli_generate_with_image(cli_dir, recorded, tmp_path, capsys):
 
 
 @pytest.mark.real
+@pytest.mark.slow
 def test_cli_chat_image_command(cli_dir, recorded, tmp_path, monkeypatch, capsys):
     import io
 
