@@ -88,6 +88,9 @@ def test_real_vision_tower_counted_on_meta(name):
     assert projector == config.param_counts()["projector"] == 1152 + 1152 * config.d_model
     assert model.multi_modal_projector.kernel == 4  # 64x64 patches -> 16x16 = 256 tokens
     assert model.vision_tower.vision_model.encoder.layers[0].mlp.fc1.out_features == 4304
+    patches = model.vision_tower(torch.empty(2, 3, 896, 896, device="meta"))  # shapes only, no compute
+    assert patches.shape == (2, 4096, 1152)
+    assert model.multi_modal_projector(patches).shape == (2, 256, config.d_model)
 
 
 def test_text_only_model_refuses_images():
@@ -447,3 +450,7 @@ def test_cli_image_errors(tmp_path, capsys):
     png = wide_png(tmp_path)
     assert cli.main(["generate", "--model", "gemma3-1b", "--image", str(png), "hi"]) == 1
     assert "gemma3-1b has no vision tower" in capsys.readouterr().err
+    from conftest import random_model, tiny_config
+    text_only = weights.save(random_model(tiny_config(3)), tmp_path / "text-only")  # a Gemma3ForCausalLM checkpoint
+    assert cli.main(["generate", "--model", str(text_only), "--image", str(png), "hi"]) == 1
+    assert "has no vision tower: it is a text-only model" in capsys.readouterr().err
