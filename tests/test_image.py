@@ -133,7 +133,8 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def test_decompression_bomb(tmp_path):
     # A 100,000 x 100,000 PNG header (10 gigapixels) with one tiny compressed row: a few dozen bytes.
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 1, 0, 0, 0, 0))
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 1, 0, 0, 0, 0)  # width, height, 1-bit greyscale
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
                      + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + _png_chunk(b"IEND", b""))
     assert bomb.stat().st_size < 200
     with pytest.raises(ValueError) as e:
