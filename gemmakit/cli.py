@@ -225,6 +225,66 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
           f"{result.context}  ({path.name})")
 
 
+def cmd_data(args: argparse.Namespace) -> None:
+    from gemmakit.train import commands
+
+    commands.data_prepare(args)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from gemmakit.train import commands
+
+    commands.train_cmd(args)
+
+
+def cmd_teacher_cache(args: argparse.Namespace) -> None:
+    from gemmakit.train import commands
+
+    commands.teacher_cache(args)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from gemmakit.train import commands
+
+    commands.distill(args)
+
+
+def _add_training_parsers(sub) -> None:
+    from gemmakit.train import commands
+
+    s = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
+    s = s.add_parser("prepare", help="tokenize .txt/.jsonl files or folders into token shards")
+    s.add_argument("inputs", nargs="+", help=".txt files, .jsonl files (a 'text' field per line) or folders")
+    s.add_argument("--tokenizer", default=None, help="model whose tokenizer to use (default: embedded Gemma 3 270M)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--val-fraction", type=float, default=0.1, help="documents held out for validation (by hash)")
+    s.add_argument("--val-files", nargs="*", default=None, help="hold out these file names instead")
+    s.set_defaults(func=cmd_data)
+
+    s = sub.add_parser("train", help="train or fine-tune a model on prepared data")
+    s.add_argument("--model", required=True, help="preset or .json/.toml config (random init), or weights to fine-tune")
+    commands.add_train_options(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("teacher-cache", help="run a teacher once and store k sampled logits per token")
+    s.add_argument("--teacher", default=None, help="teacher model (default: embedded Gemma 3 270M)")
+    s.add_argument("--data", required=True, help="directory written by `gemmakit data prepare`")
+    s.add_argument("--out", required=True, help="cache directory (rerun the same command to resume)")
+    s.add_argument("--k", type=int, default=256, help="sampled ids per token (default 256)")
+    s.add_argument("--seq-len", type=int, default=256, help="must equal the distillation run's --seq-len")
+    s.add_argument("--batch-size", type=int, default=4, help="sequences per teacher forward")
+    s.add_argument("--mask-documents", action="store_true", help="must equal the distillation run's")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--bf16", action="store_true", help="bf16 autocast for the teacher")
+    s.set_defaults(func=cmd_teacher_cache)
+
+    s = sub.add_parser("distill", help="train a student from a teacher (online) or a teacher cache")
+    s.add_argument("--model", required=True, help="student: preset or .json/.toml config (random init), or weights")
+    commands.add_distill_options(s)
+    commands.add_train_options(s)
+    s.set_defaults(func=cmd_distill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gemmakit", description="Run, fine-tune and distill Gemma 1/2/3 models.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -266,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window length in tokens (non-overlapping; default: the whole file if it fits)")
     _add_model_args(s)
     s.set_defaults(func=cmd_perplexity)
+    _add_training_parsers(sub)
 
     return p
 

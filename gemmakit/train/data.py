@@ -82,16 +82,25 @@ def read_documents(inputs: list[str | Path]) -> Iterator[Document]:
                 yield Document(f"{path}:{lineno}", record["text"], bad)
 
 
+def _file_of(name: str) -> str:
+    """The file a document came from (JSONL documents are named path:line)."""
+    head, _, tail = name.rpartition(":")
+    return head if head and tail.isdigit() and head.endswith(".jsonl") else name
+
+
 def split_of(name: str, val_fraction: float) -> str:
     h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
     return "val" if h < val_fraction else "train"
 
 
 def prepare(inputs: list[str | Path], encode: Callable[[str], list[int]], out_dir: str | Path,
-            vocab_size: int, tokenizer_name: str = "", val_fraction: float = 0.1) -> dict:
+            vocab_size: int, tokenizer_name: str = "", val_fraction: float = 0.1, bos: int = BOS, eos: int = EOS,
+            val_files: list[str] | None = None) -> dict:
     """Tokenize `inputs` into `out_dir` (see the module docstring); returns the meta.json contents.
 
     `encode(text)` must return ids without <bos>/<eos>; they are added here around every document.
+    `val_files`: file names (e.g. "hamlet.txt") whose documents form the validation split instead of
+    the hash-based `val_fraction`.
     Files are written under temporary names and renamed when complete; meta.json comes last.
     """
     out = Path(out_dir)
@@ -99,8 +108,14 @@ def prepare(inputs: list[str | Path], encode: Callable[[str], list[int]], out_di
     docs = list(read_documents(inputs))
     if not docs:
         raise ValueError("no documents found in the inputs")
-    splits = [split_of(d.name, val_fraction) for d in docs]
-    if val_fraction > 0 and len(docs) > 1 and "val" not in splits:
+    if val_files:
+        names = {Path(_file_of(d.name)).name for d in docs}
+        if missing := set(val_files) - names:
+            raise ValueError(f"--val-files not among the inputs: {sorted(missing)}")
+        splits = ["val" if Path(_file_of(d.name)).name in val_files else "train" for d in docs]
+    else:
+        splits = [split_of(d.name, val_fraction) for d in docs]
+    if not val_files and val_fraction > 0 and len(docs) > 1 and "val" not in splits:
         # Tiny corpora: hold out the document with the smallest hash rather than none.
         i = min(range(len(docs)), key=lambda j: hashlib.sha256(docs[j].name.encode()).digest())
         splits[i] = "val"
@@ -113,7 +128,7 @@ def prepare(inputs: list[str | Path], encode: Callable[[str], list[int]], out_di
     invalid = 0
     try:
         for doc, split in tqdm(list(zip(docs, splits)), desc="tokenizing", unit="doc"):
-            ids = [BOS, *encode(doc.text), EOS]
+            ids = [bos, *encode(doc.text), eos]
             if max(ids) >= vocab_size or min(ids) < 0:
                 raise ValueError(f"{doc.name}: tokenizer produced ids outside [0, {vocab_size})")
             starts[split].append(n_tokens[split])

@@ -7,10 +7,14 @@ forward or in the backward.
 
 How the backward stays bounded: `_ChunkedHeadLoss` computes each chunk's loss AND its gradient
 (w.r.t. the chunk's hidden states and the tied head weight) inside the forward pass, then frees the
-chunk's logits. The backward only scales the stored gradients by the incoming grad. This is what
-activation checkpointing each chunk would also achieve in memory, but without recomputing the
-student's and teacher's heads in the backward (the head is most of the compute of a small model with
-this vocabulary). When no gradient is needed (evaluation) the chunks are simply evaluated under no_grad.
+chunk's logits. The backward only scales the stored gradients by the incoming grad. In memory this
+is what activation checkpointing each chunk would give, without recomputing the student's and the
+teacher's heads in the backward (the head is most of the compute of a small model with this
+vocabulary). The gradient w.r.t. the logits is written in closed form (softmax minus target, see
+each loss) rather than taken through autograd, which saves several passes over [chunk x vocab]
+arrays; the tests check it against autograd on the plain formulas. The head itself (matmul and
+Gemma 2's soft-cap) is differentiated by autograd. Without a gradient (evaluation) the chunks are
+simply evaluated under no_grad.
 
 All losses return the MEAN over the tokens whose target is not `IGNORE` (-100).
 """
@@ -20,16 +24,16 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE = -100
-# A chunk's loss: (student logits [n, V] fp32, token slice) -> summed loss over the chunk's tokens.
-ChunkFn = Callable[[Tensor, slice], Tensor]
+# A chunk's loss: (student logits [n, V] fp32, token slice, want_grad) ->
+#   (summed loss over the chunk's tokens, d loss / d logits [n, V] or None when not wanted).
+ChunkFn = Callable[[Tensor, slice, bool], tuple[Tensor, Tensor | None]]
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """sum over chunks of chunk_fn(head(h[chunk]).float(), chunk), gradients computed chunk by chunk."""
+    """sum over chunks of chunk_fn(head(h[chunk]), chunk), gradients computed chunk by chunk."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, head: Callable[[Tensor], Tensor], chunk_fn: ChunkFn,
@@ -41,13 +45,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             sl = slice(start, start + chunk)
             with torch.enable_grad():
                 hc = h[sl].detach().requires_grad_(True)
-                loss = chunk_fn(head(hc).float(), sl)
-                inputs = [hc] + ([weight] if grad_w is not None else [])
-                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+                z = head(hc)
+            loss, dz = chunk_fn(z.detach().float(), sl, True)
+            inputs = [hc] + ([weight] if grad_w is not None else [])
+            grads = torch.autograd.grad(z, inputs, grad_outputs=dz.to(z.dtype), allow_unused=True)
+            del z, dz
             grad_h[sl] = grads[0]
             if grad_w is not None and grads[1] is not None:
                 grad_w += grads[1]
-            total += loss.detach()
+            total += loss
         ctx.save_for_backward(grad_h, *([grad_w] if grad_w is not None else []))
         ctx.has_w = grad_w is not None
         return total
@@ -73,7 +79,7 @@ def chunked_head_loss(model, h: Tensor, chunk_fn: ChunkFn, chunk: int = 1024) ->
     with torch.no_grad():
         for start in range(0, h.shape[0], chunk):
             sl = slice(start, start + chunk)
-            total += chunk_fn(model.logits(h[sl]).float(), sl)
+            total += chunk_fn(model.logits(h[sl]).float(), sl, False)[0]
     return total
 
 
@@ -81,22 +87,37 @@ def _count(targets: Tensor) -> Tensor:
     return (targets != IGNORE).sum().clamp(min=1)
 
 
+def _ce_chunk(z: Tensor, t: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Summed CE of logits z [n, V] against targets t [n]; d/dz = softmax(z) - onehot(t), 0 on ignored rows."""
+    valid = t != IGNORE
+    tt = t.clamp(min=0)[:, None]
+    lse = torch.logsumexp(z, dim=-1)
+    loss = ((lse - z.gather(1, tt)[:, 0]) * valid).sum()
+    if not want_grad:
+        return loss, None
+    dz = torch.exp(z - lse[:, None])
+    dz.scatter_add_(1, tt, torch.full_like(tt, -1, dtype=dz.dtype))
+    return loss, dz.mul_(valid[:, None])
+
+
 def cross_entropy(model, h: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
     """Mean next-token cross-entropy. h [..., d] final hidden states, targets [...] (IGNORE = skip)."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
 
-    def fn(z: Tensor, sl: slice) -> Tensor:
-        return F.cross_entropy(z, targets[sl], ignore_index=IGNORE, reduction="sum")
+    def fn(z: Tensor, sl: slice, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+        return _ce_chunk(z, targets[sl], want_grad)
 
     return chunked_head_loss(model, h, fn, chunk) / _count(targets)
 
 
-def _mixed(kd: Tensor, z: Tensor, t: Tensor, alpha: float) -> Tensor:
-    """(1 - alpha) * KD + alpha * CE for one chunk (sums over its valid tokens)."""
+def _mixed(kd: Tensor, dkd: Tensor | None, z: Tensor, t: Tensor, alpha: float,
+           want_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """(1 - alpha) * KD + alpha * CE for one chunk (sums over its valid tokens), and its logit gradient."""
     if alpha == 0.0:
-        return kd
-    ce = F.cross_entropy(z, t, ignore_index=IGNORE, reduction="sum")
-    return (1.0 - alpha) * kd + alpha * ce
+        return kd, dkd
+    ce, dce = _ce_chunk(z, t, want_grad)
+    loss = (1.0 - alpha) * kd + alpha * ce
+    return loss, (dkd.mul_(1.0 - alpha).add_(dce, alpha=alpha) if want_grad else None)
 
 
 def distill_full(model, h: Tensor, teacher, teacher_h: Tensor, targets: Tensor, temperature: float = 1.0,
@@ -108,19 +129,22 @@ def distill_full(model, h: Tensor, teacher, teacher_h: Tensor, targets: Tensor, 
     the Gemma 2 objective. loss = (1 - alpha) * T^2 * KD + alpha * CE(targets).
     The teacher's logits come from `teacher.logits(teacher_h[chunk])` under no_grad, chunk by chunk,
     so neither model's full [tokens x vocab] logits exist at once. Targets equal to IGNORE are skipped.
+    Gradient w.r.t. the student logits: T * (softmax(z / T) - P_T) per valid token (P_T sums to 1).
     """
     h, teacher_h, targets = h.reshape(-1, h.shape[-1]), teacher_h.reshape(-1, teacher_h.shape[-1]), targets.reshape(-1)
     if teacher.config.vocab_size != model.config.vocab_size:
         raise ValueError(f"teacher vocabulary ({teacher.config.vocab_size}) != student vocabulary "
                          f"({model.config.vocab_size}): distillation needs a shared tokenizer")
     valid = (targets != IGNORE).float()
+    T = temperature
 
-    def fn(z: Tensor, sl: slice) -> Tensor:
+    def fn(z: Tensor, sl: slice, want_grad: bool) -> tuple[Tensor, Tensor | None]:
         with torch.no_grad():
-            p_t = torch.softmax(teacher.logits(teacher_h[sl]).float() / temperature, dim=-1)
-        logq = torch.log_softmax(z / temperature, dim=-1)
-        kd = (-(p_t * logq).sum(-1) * valid[sl]).sum() * temperature**2
-        return _mixed(kd, z, targets[sl], alpha)
+            p_t = torch.softmax(teacher.logits(teacher_h[sl]).float() / T, dim=-1)
+        logq = torch.log_softmax(z / T, dim=-1)
+        kd = (-(p_t * logq).sum(-1) * valid[sl]).sum() * T * T
+        dkd = logq.exp_().sub_(p_t).mul_(valid[sl, None] * T) if want_grad else None
+        return _mixed(kd, dkd, z, targets[sl], alpha, want_grad)
 
     return chunked_head_loss(model, h, fn, chunk) / _count(targets)
 
@@ -145,9 +169,9 @@ def sample_teacher(logits: Tensor, k: int, generator: torch.Generator | None = N
     repeats of the top tokens (a confident teacher would fill most of the 256 draws with one id).
     """
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    u = torch.rand(logp.shape, generator=generator, device=logp.device).clamp_(1e-20, 1.0)
-    gumbel = -torch.log(-torch.log(u))
-    ids = torch.topk(logp + gumbel, k, dim=-1).indices
+    # Gumbel noise as -log(E), E ~ Exp(1): one log per entry instead of two for -log(-log(U)).
+    e = torch.empty_like(logp).exponential_(generator=generator)
+    ids = torch.topk(logp - e.clamp_(min=1e-30).log_(), k, dim=-1).indices  # E = 0 would force an id in
     return ids, logp.gather(-1, ids).exp()
 
 
@@ -165,12 +189,17 @@ def distill_sampled(model, h: Tensor, ids: Tensor, probs: Tensor, targets: Tenso
     h, ids, probs, targets = h.reshape(-1, h.shape[-1]), ids.reshape(-1, k), probs.reshape(-1, k), targets.reshape(-1)
     valid = (targets != IGNORE).float()
 
-    def fn(z: Tensor, sl: slice) -> Tensor:
+    def fn(z: Tensor, sl: slice, want_grad: bool) -> tuple[Tensor, Tensor | None]:
         q = probs[sl].float()
-        q = q / q.sum(-1, keepdim=True).clamp(min=1e-30)
-        logp = torch.log_softmax(z, dim=-1).gather(-1, ids[sl].long())
+        q = q / q.sum(-1, keepdim=True).clamp(min=1e-30) * valid[sl, None]
+        idx = ids[sl].long()
+        logp_all = torch.log_softmax(z, dim=-1)
+        logp = logp_all.gather(-1, idx)
         # 0 * log p for zero-probability slots (padding past the teacher's support) must stay 0.
-        kd = (-(torch.where(q > 0, q * logp, 0.0)).sum(-1) * valid[sl]).sum()
-        return _mixed(kd, z, targets[sl], alpha)
+        kd = -(torch.where(q > 0, q * logp, 0.0)).sum()
+        dkd = None
+        if want_grad:  # d/dz = softmax(z) * sum(Q) - Q scattered to its ids (sum(Q) = 1 on valid rows)
+            dkd = logp_all.exp_().mul_(q.sum(-1, keepdim=True)).scatter_add_(1, idx, -q)
+        return _mixed(kd, dkd, z, targets[sl], alpha, want_grad)
 
     return chunked_head_loss(model, h, fn, chunk) / _count(targets)

@@ -1,0 +1,108 @@
+"""Distillation objectives for the trainer, and student configs.
+
+- `online_full_loss(teacher)`: Gemma 2 full-distribution distillation, the teacher run on every batch.
+- `cached_sampled_loss(cache)`: Gemma 3 sampled-logit distillation from a teacher cache (no teacher
+  in memory).
+- `online_sampled_loss(teacher, k)`: the same objective with the sample drawn on the fly.
+Students: a preset name, or a JSON/TOML file `{"base": "<preset>", <Config field>: value, ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import torch
+
+from gemmakit.config import CONFIGS, GLOBAL, Config, get_config, layer_pattern
+from gemmakit.train.losses import distill_full, distill_sampled, sample_teacher
+from gemmakit.train.teacher_cache import TeacherCache
+from gemmakit.train.trainer import LossFn
+
+
+def student_config(spec: str) -> Config:
+    """A preset name, or a .json/.toml file naming a `base` preset plus field overrides.
+
+    If `n_layers` changes and `layer_types` is not given, the base's local/global pattern is repeated
+    (every 6th layer global for Gemma 3, every 2nd for Gemma 2, all global for Gemma 1).
+    """
+    if spec in CONFIGS:
+        return get_config(spec)
+    path = Path(spec)
+    if path.suffix not in (".json", ".toml"):
+        raise ValueError(f"unknown student {spec!r}: give a preset ({', '.join(CONFIGS)}) or a .json/.toml file")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such student config file")
+    try:
+        raw = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{path}: cannot parse ({e})") from None
+    if "base" not in raw:
+        raise ValueError(f"{path}: needs a 'base' preset name to override")
+    base = get_config(raw.pop("base"))
+    fields = set(Config.__dataclass_fields__)
+    if unknown := set(raw) - fields:
+        raise ValueError(f"{path}: unknown config fields {sorted(unknown)}")
+    if "layer_types" in raw:
+        raw["layer_types"] = tuple(raw["layer_types"])
+    elif "n_layers" in raw:
+        if GLOBAL not in base.layer_types or all(t == GLOBAL for t in base.layer_types):
+            raw["layer_types"] = (GLOBAL,) * raw["n_layers"]
+        else:
+            raw["layer_types"] = layer_pattern(raw["n_layers"], base.layer_types.index(GLOBAL) + 1)
+    raw.setdefault("name", path.stem)
+    return base.replace(**raw)
+
+
+def check_vocab(student: Config, teacher_vocab: int, what: str = "teacher") -> None:
+    if student.vocab_size != teacher_vocab:
+        raise ValueError(f"student vocabulary ({student.vocab_size}) != {what} vocabulary ({teacher_vocab}): "
+                         f"the student must share the teacher's tokenizer")
+
+
+def _teacher_hidden(teacher: torch.nn.Module, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return teacher.hidden(batch["tokens"], batch.get("positions"), segment_ids=batch.get("segment_ids"))
+
+
+def _student_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return model.hidden(batch["tokens"], batch.get("positions"), segment_ids=batch.get("segment_ids"))
+
+
+def online_full_loss(teacher: torch.nn.Module, temperature: float = 1.0, alpha: float = 0.0,
+                     chunk: int = 1024) -> LossFn:
+    teacher.eval().requires_grad_(False)
+
+    def f(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        th = _teacher_hidden(teacher, batch)
+        return distill_full(model, _student_hidden(model, batch), teacher, th, batch["targets"],
+                            temperature, alpha, chunk)
+    return f
+
+
+def online_sampled_loss(teacher: torch.nn.Module, k: int = 256, alpha: float = 0.0, chunk: int = 1024,
+                        seed: int = 0) -> LossFn:
+    """Sampled-logit distillation with the sample drawn now (same estimator as the cache)."""
+    teacher.eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+
+    def f(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        th = _teacher_hidden(teacher, batch)
+        ids, probs = [], []
+        with torch.no_grad():
+            flat = th.reshape(-1, th.shape[-1]).float()
+            for s in range(0, flat.shape[0], chunk):
+                i, p = sample_teacher(teacher.logits(flat[s:s + chunk]), k, gen)
+                ids.append(i)
+                probs.append(p)
+        return distill_sampled(model, _student_hidden(model, batch), torch.cat(ids), torch.cat(probs),
+                               batch["targets"], alpha, chunk)
+    return f
+
+
+def cached_sampled_loss(cache: TeacherCache, alpha: float = 0.0, chunk: int = 1024) -> LossFn:
+    def f(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        ids, probs = cache.lookup(batch["windows"])
+        return distill_sampled(model, _student_hidden(model, batch), ids, probs, batch["targets"], alpha, chunk)
+    return f
