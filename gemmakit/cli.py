@@ -195,7 +195,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
         attached = []
         ids = vision.prompt_ids(lambda text: tokenizer.encode(text, add_bos=False), model.config,
                                 render_chat(messages, model.config.generation), crops)
-        reply = _stream(model, tokenizer, ids, args, images=torch.cat(pixels) if pixels else None)
+        room = model.config.max_seq_len - len(ids)
+        if room < 1:
+            raise ValueError(f"the conversation ({len(ids)} tokens) no longer fits the context length of "
+                             f"{model.config.max_seq_len} tokens; /reset starts over")
+        # A long conversation gets a shorter reply rather than an error.
+        turn = argparse.Namespace(**{**vars(args), "max_new_tokens": min(args.max_new_tokens, room)})
+        reply = _stream(model, tokenizer, ids, turn, images=torch.cat(pixels) if pixels else None)
         sys.stdout.write("\n")
         messages.append({"role": "model", "content": reply})
 
