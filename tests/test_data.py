@@ -90,8 +90,9 @@ def test_windows_cover_the_stream_once_and_order_resumes(prepared):
     while d.epoch == 0:
         b = d.next_batch()
         for w, x, y in zip(b["windows"].tolist(), b["tokens"], b["targets"]):
-            assert x.tolist() == stream[w * 8: w * 8 + 8].tolist()
-            assert y.tolist() == stream[w * 8 + 1: w * 8 + 9].tolist()
+            assert x.tolist() == [D.BOS] + stream[w * 8: w * 8 + 7].tolist()  # every sequence starts with <bos>
+            want = stream[w * 8: w * 8 + 8]
+            assert y.tolist() == np.where(want == D.BOS, IGNORE, want).tolist()  # <bos> is never a target
             seen.append(w)
     # the last batch of the epoch wraps into epoch 1; every window of epoch 0 came exactly once
     assert sorted(seen[: d.n_windows]) == list(range(d.n_windows))
@@ -108,9 +109,13 @@ def test_document_masking_equals_separate_documents(prepared):
     d = D.PackedData(prepared, "train", seq_len=16, batch_size=2, mask_documents=True, shuffle=False)
     b = d.windows([1, 2])
     seg, pos, tok, tgt = b["segment_ids"], b["positions"], b["tokens"], b["targets"]
-    # a document's last token (<eos>) must not be trained to predict the next document's <bos>
-    assert ((tok == D.EOS) == (tgt == IGNORE)).all()
-    assert (pos[tok == D.BOS] == 0).all()
+    stream = np.fromfile(prepared / "train.tokens", dtype=np.uint32).astype(np.int64)
+    raw = torch.from_numpy(np.stack([stream[16:32], stream[32:48]]))
+    # a document's last token (<eos>) is not trained to predict the next document's <bos>
+    assert ((raw == D.BOS) == (tgt == IGNORE)).all() and (tgt == IGNORE).any()
+    assert (tok[:, 0] == D.BOS).all() and (pos[:, 0] == 0).all()
+    assert (pos[:, 1:][tok[:, 1:] == D.BOS] == 0).all()  # documents starting inside the window count from 0
+    assert (seg[:, 0] == seg[:, 1]).all()  # the leading <bos> belongs to the first document
     cfg = get_config("gemma3-270m").replace(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
                                             head_dim=16, intermediate_size=64, sliding_window=4,
                                             layer_types=("local", "global"))

@@ -54,12 +54,16 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def mean_across_ranks(x: float) -> float:
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def sum_across_ranks(x: float) -> float:
     if not is_distributed():
         return x
     t = torch.tensor([x], dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+    return float(t)
 
 
 def full_state_dicts(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:

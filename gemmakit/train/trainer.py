@@ -32,7 +32,7 @@ from tqdm import tqdm
 from gemmakit.config import Config, VisionConfig
 from gemmakit.train.data import PackedData
 from gemmakit.train.losses import IGNORE, cross_entropy
-from gemmakit.train.parallel import full_state_dicts, is_distributed, load_full_state_dicts, mean_across_ranks
+from gemmakit.train.parallel import full_state_dicts, load_full_state_dicts, sum_across_ranks, world_size
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -216,6 +216,7 @@ def train(model: torch.nn.Module, data: PackedData, cfg: TrainConfig, out_dir: s
             "extra": extra_state or {}})
 
     params = [p for p in model.parameters() if p.requires_grad]
+    world = world_size()
     history: list[dict] = []
     interrupted = None
     model.train()
@@ -225,17 +226,22 @@ def train(model: torch.nn.Module, data: PackedData, cfg: TrainConfig, out_dir: s
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss_sum, n_tokens = 0.0, 0
-            for _ in range(cfg.grad_accum):
-                batch = data.next_batch()
+            batches = [data.next_batch() for _ in range(cfg.grad_accum)]
+            # Each loss is a mean over its micro-batch's predicted tokens; weighting it by its share
+            # of the step's tokens (on all ranks) makes the step's gradient that of the mean over the
+            # whole global batch, whatever the number of ignored targets in each micro-batch.
+            counts = [int((b["targets"] != IGNORE).sum()) for b in batches]
+            total = sum_across_ranks(sum(counts))
+            for batch, count in zip(batches, counts):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss = loss_fn(model, batch) / cfg.grad_accum
+                    loss = loss_fn(model, batch) * (count * world / max(total, 1))
                 loss.backward()
-                loss_sum += float(loss.detach())
+                loss_sum += float(loss.detach()) / world
                 n_tokens += batch["tokens"].numel()
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
             if hasattr(gnorm, "full_tensor"):  # a DTensor under FSDP2
                 gnorm = gnorm.full_tensor()
-            loss_sum = mean_across_ranks(loss_sum)
+            loss_sum = sum_across_ranks(loss_sum)
             lr = sched.get_last_lr()[0]
             opt.step()
             sched.step()
