@@ -16,6 +16,7 @@ from torch import Tensor
 
 from gemmakit.cache import make_cache
 from gemmakit.model import Gemma
+from gemmakit.quant import fuse_decode
 from gemmakit.sample import sample
 from gemmakit.vision import embed_with_images
 
@@ -48,6 +49,7 @@ def _decode_step(model: Gemma, token: Tensor, pos: Tensor, cache: list) -> Tenso
 
 
 _compiled: dict[int, Callable] = {}
+COMPILE_BUCKET = 512  # cache lengths are multiples of this when compiling: fewer distinct shapes
 
 
 def decode_fn(compile: bool) -> Callable:
@@ -103,7 +105,10 @@ def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, sto
         raise ValueError(f"embeds of shape {tuple(embeds.shape)} do not match the padded prompts {(b, longest)}")
     # Every sequence advances one slot per step, so the caches need the longest prompt + the new tokens
     # (minus the last token, which is never fed back).
-    cache = make_cache(model.config, b, longest + max_new_tokens - 1, kv_dtype or model.dtype, device)
+    slots = longest + max_new_tokens - 1
+    if compile:  # round up so that other prompt lengths reuse the compiled step (masks hide the extra slots)
+        slots = min(-(-slots // COMPILE_BUCKET) * COMPILE_BUCKET, model.config.max_seq_len)
+    cache = make_cache(model.config, b, slots, kv_dtype or model.dtype, device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -112,6 +117,8 @@ def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, sto
     # Prefill: the LM head only on the last column (left padding puts every prompt's end there).
     h = model.hidden(None if embeds is not None else tokens, positions, cache, embeds=embeds, image_mask=image_mask)
     logits = model.logits(h[:, -1])
+    if compile:  # the compiled step needs the fused matrix-vector products (a no-op when quantized)
+        fuse_decode(model)
     step = decode_fn(compile)
     next_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None]
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)

@@ -18,16 +18,59 @@ int4: asymmetric per group of `group` inputs, w = q * scale + low, q in [0, 15];
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 MODES = ("int8", "int4")
 DECODE_ROWS = 16  # at most this many input rows use the fused decode path (batch 8 decode included)
+BLOCK_ELEMENTS = 1 << 23  # weights dequantized at a time on the unfused path (32 MiB in fp32)
 
 
-def _rows(x: Tensor) -> int:
-    return x.numel() // x.shape[-1]
+def _fuse(x: Tensor) -> bool:
+    """Take the fused path? Only under torch.compile: run eagerly, the broadcast would materialize
+    the whole [rows, out, in] product."""
+    return torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= DECODE_ROWS
+
+
+def _blocked(x: Tensor, out_features: int, rows: Callable[[int, int], Tensor]) -> Tensor:
+    """x @ W.T with W dequantized `rows(start, end)` a block at a time: the full float copy of a big
+    matrix (the 262,144-row LM head) never exists at once."""
+    block = max(1, BLOCK_ELEMENTS // x.shape[-1])
+    if out_features <= block:
+        return F.linear(x, rows(0, out_features))
+    return torch.cat([F.linear(x, rows(i, min(i + block, out_features))) for i in range(0, out_features, block)],
+                     dim=-1)
+
+
+# -- unquantized ------------------------------------------------------------------------------------
+
+class DenseLinear(nn.Module):
+    """nn.Linear's weight (shared, not copied) with the fused decode path: `fuse_decode` swaps it in.
+
+    torch's own matrix-vector product is slow on CPUs without bf16 instructions, and inductor hands
+    F.linear to that same library call; the broadcast-multiply-sum compiles to a streaming reduction.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+
+    def dequantize(self) -> Tensor:
+        return self.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dense_matmul(x, self.weight)
+
+
+def dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T: compiled with few rows, a broadcast-multiply-sum accumulated in fp32; else BLAS."""
+    if _fuse(x):
+        return (x[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)
+    return F.linear(x, weight)
 
 
 # -- int8 -------------------------------------------------------------------------------------------
@@ -55,15 +98,16 @@ class Int8Linear(nn.Module):
         m.scale.copy_(scale)
         return m
 
-    def dequantize(self) -> Tensor:
-        return self.weight.to(self.scale.dtype) * self.scale[:, None]
+    def dequantize(self, start: int = 0, end: int | None = None) -> Tensor:
+        return self.weight[start:end].to(self.scale.dtype) * self.scale[start:end, None]
+
+    def fused(self, x: Tensor) -> Tensor:
+        # Sum in fp32 whatever the activation dtype; the per-row scale applies once to the sum.
+        y = (x[..., None, :].float() * self.weight.float()).sum(-1)
+        return (y * self.scale.float()).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _rows(x) <= DECODE_ROWS:
-            # Sum in fp32 whatever the activation dtype (the compiled kernel accumulates in fp32 anyway).
-            y = (x[..., None, :].float() * self.weight.float()).sum(-1)
-            return (y * self.scale.float()).to(x.dtype)
-        return F.linear(x, self.dequantize())
+        return self.fused(x) if _fuse(x) else _blocked(x, self.out_features, self.dequantize)
 
 
 # -- int4 -------------------------------------------------------------------------------------------
@@ -105,25 +149,34 @@ class Int4Linear(nn.Module):
         m.low.copy_(low)
         return m
 
-    def dequantize(self) -> Tensor:
-        lo, hi = _unpack_int4(self.weight)
+    def dequantize(self, start: int = 0, end: int | None = None) -> Tensor:
+        lo, hi = _unpack_int4(self.weight[start:end])
         q = torch.cat([lo, hi], dim=-1).to(self.scale.dtype)
-        return (q * self.scale[..., None] + self.low[..., None]).reshape(self.out_features, self.in_features)
+        w = q * self.scale[start:end, :, None] + self.low[start:end, :, None]
+        return w.reshape(w.shape[0], self.in_features)
+
+    def fused(self, x: Tensor) -> Tensor:
+        # y = sum_g scale_g * sum_i x_i q_i + low_g * sum_i x_i, per group g: the dequantized
+        # weight never exists in memory, only the packed bytes are read.
+        half = self.group // 2
+        xg = x.float().reshape(*x.shape[:-1], 1, self.in_features // self.group, self.group)
+        lo, hi = _unpack_int4(self.weight)
+        dot = (xg[..., :half] * lo.float()).sum(-1) + (xg[..., half:] * hi.float()).sum(-1)
+        y = (dot * self.scale.float() + xg.sum(-1) * self.low.float()).sum(-1)
+        return y.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _rows(x) <= DECODE_ROWS:
-            # y = sum_g scale_g * sum_i x_i q_i + low_g * sum_i x_i, per group g: the dequantized
-            # weight never exists in memory, only the packed bytes are read.
-            half = self.group // 2
-            xg = x.float().reshape(*x.shape[:-1], 1, self.in_features // self.group, self.group)
-            lo, hi = _unpack_int4(self.weight)
-            dot = (xg[..., :half] * lo.float()).sum(-1) + (xg[..., half:] * hi.float()).sum(-1)
-            y = (dot * self.scale.float() + xg.sum(-1) * self.low.float()).sum(-1)
-            return y.to(x.dtype)
-        return F.linear(x, self.dequantize())
+        return self.fused(x) if _fuse(x) else _blocked(x, self.out_features, self.dequantize)
 
 
 # -- tied embedding / LM head --------------------------------------------------------------------------
+
+class DenseEmbedding(nn.Embedding):
+    """nn.Embedding whose LM-head product takes the fused decode path."""
+
+    def attend(self, h: Tensor) -> Tensor:
+        return dense_matmul(h, self.weight)
+
 
 class QuantEmbedding(nn.Module):
     """The tied embedding as a quantized matrix: rows looked up for the input, `attend` for the head."""
@@ -154,17 +207,32 @@ def quantize(model: nn.Module, mode: str, group: int = 32) -> nn.Module:
     """Swap the model's Linear layers and tied embedding for `mode` ("int8" or "int4") in place."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    return _swap(model, mode, group)
 
-    def convert(linear: nn.Linear) -> nn.Module:
+
+def fuse_decode(model: nn.Module) -> nn.Module:
+    """Give an unquantized model the fused decode path (same weights, shared; no-op if already swapped)."""
+    return _swap(model, None, 0)
+
+
+def _swap(model: nn.Module, mode: str | None, group: int) -> nn.Module:
+    """Swap the decoder's Linear layers (not a vision tower's) and its tied embedding."""
+    def convert(linear: nn.Linear | DenseLinear) -> nn.Module:
+        if mode is None:
+            return linear if isinstance(linear, DenseLinear) else DenseLinear(linear)
         return Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group)
 
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, convert(child))
     body = model.model
+    for parent in list(body.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Linear, DenseLinear)):
+                setattr(parent, name, convert(child))
     emb = body.embed_tokens
-    if isinstance(emb, nn.Embedding):
+    if mode is None and type(emb) is nn.Embedding:
+        dense = DenseEmbedding(emb.num_embeddings, emb.embedding_dim, device="meta")
+        dense.weight = emb.weight  # shared, and the state-dict key stays model.embed_tokens.weight
+        body.embed_tokens = dense
+    elif mode is not None and isinstance(emb, nn.Embedding):
         as_linear = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
         as_linear.weight = emb.weight  # shares storage: no copy of the table
         body.embed_tokens = QuantEmbedding(convert(as_linear))

@@ -122,3 +122,14 @@ def test_info_prints_the_plan(capsys):
     out = capsys.readouterr().out
     assert "memory for 1 x 32,768 tokens, KV cache in bf16" in out
     assert "2.9 GiB" in out and "15.5 GiB" in out and "5.3x smaller" in out
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager():
+    model = tiny()
+    assert run(model, PROMPTS, 10, compile=True) == run(model, PROMPTS, 10)
+    q = tiny()
+    from gemmakit.quant import quantize
+
+    quantize(q, "int8")
+    assert run(q, PROMPTS, 8, compile=True) == run(q, PROMPTS, 8)

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from gemmakit import quant
 from gemmakit.config import get_config
 from gemmakit.model import build
 from gemmakit.quant import Int4Linear, Int8Linear, QuantEmbedding, quantize, quantize_int4, quantize_int8, weight_bytes
@@ -39,14 +40,18 @@ def test_int4_roundtrip_error_and_packing():
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-@pytest.mark.parametrize("rows", [1, 3, 40])  # fused decode path and dequantize + matmul path
-def test_linear_paths_agree_with_dequantized_weight(cls, rows):
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_linear_paths_agree_with_dequantized_weight(cls, rows, monkeypatch):
     lin = nn.Linear(64, 24, bias=False)
     m = cls.from_linear(lin)
     x = torch.randn(rows, 64)
+    want = x @ m.dequantize().T
+    torch.testing.assert_close(m.fused(x), want, rtol=1e-5, atol=1e-5)  # the compiled decode path
     y = m(x)
     assert y.shape == (rows, 24) and y.dtype == torch.float32
-    torch.testing.assert_close(y, x @ m.dequantize().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 64 * 5)  # dequantized 5 rows at a time
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
     rel = (y - lin(x)).norm() / lin(x).norm()
     assert rel < (0.01 if cls is Int8Linear else 0.1)
 

