@@ -64,6 +64,11 @@ def test_generate_sampling_is_seeded(tiny_dir, capsys):
     assert outs[0] == outs[1] and outs[0] != outs[2]
 
 
+def test_generate_in_bfloat16(tiny_dir, capsys):
+    assert main(["generate", "the", "--model", str(tiny_dir), "--max-new-tokens", "4", "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.startswith("the")
+
+
 def test_stream_writes_each_piece_as_it_comes(tiny_dir):
     from argparse import Namespace
 

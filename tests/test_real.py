@@ -33,6 +33,16 @@ def _held_out_text() -> str:
     return text[start:start + 2000]
 
 
+def test_weights_match_transformers(real_model, hf_real_model):
+    """Every tensor equals transformers' reading of the GGUF, norms included (the +1 undone once)."""
+    ours, ref = real_model[0].state_dict(), hf_real_model.state_dict()
+    assert set(ours) <= set(ref)
+    for key, value in ours.items():
+        assert torch.equal(value, ref[key]), key
+    q_norm = ours["model.layers.0.self_attn.q_norm.weight"]
+    assert q_norm.abs().mean() < 2  # zero-centred (1 + w applied by the model), not the stored 1 + w
+
+
 def test_logits_match_transformers(real_model, hf_real_model):
     model, tok = real_model
     worst = 0.0

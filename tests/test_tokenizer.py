@@ -113,6 +113,21 @@ def test_transformers_reads_saved_tokenizer(tmp_path, tiny):
         assert tiny.encode(text) == ref(text).input_ids, text
 
 
+def test_hf_directory_tokenizer_json(tmp_path, tiny):
+    """A directory with only tokenizer.json (as transformers saves it) goes through `tokenizers`."""
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "spm").mkdir()
+    tiny.save(tmp_path / "spm")
+    transformers.AutoTokenizer.from_pretrained(str(tmp_path / "spm")).save_pretrained(str(tmp_path / "json"))
+    assert not (tmp_path / "json" / "tokenizer.model").exists()
+    tj = Tokenizer.from_dir(tmp_path / "json")
+    assert tj.stop_ids == tiny.stop_ids and tj.bos_id == tiny.bos_id
+    for text in CORPUS:
+        ids = tiny.encode(text)
+        assert tj.encode(text) == ids, text
+        assert tj.decode(ids) == tiny.decode(ids), text
+
+
 @pytest.mark.real
 @pytest.mark.slow
 def test_real_ids_equal_transformers_reading_the_gguf(real_model, hf_real_tokenizer, tmp_path):
