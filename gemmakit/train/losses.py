@@ -139,8 +139,10 @@ def distill_full(model, h: Tensor, teacher, teacher_h: Tensor, targets: Tensor, 
     T = temperature
 
     def fn(z: Tensor, sl: slice, want_grad: bool) -> tuple[Tensor, Tensor | None]:
-        with torch.no_grad():
-            p_t = torch.softmax(teacher.logits(teacher_h[sl]).float() / T, dim=-1)
+        with torch.no_grad():  # softmax in place: one [chunk x vocab] teacher array, not two
+            zt = teacher.logits(teacher_h[sl]).float()
+            zt = zt / T if T != 1.0 else zt
+            p_t = zt.sub_(torch.logsumexp(zt, dim=-1, keepdim=True)).exp_()
         logq = torch.log_softmax(z / T, dim=-1)
         kd = (-(p_t * logq).sum(-1) * valid[sl]).sum() * T * T
         dkd = logq.exp_().sub_(p_t).mul_(valid[sl, None] * T) if want_grad else None
