@@ -131,3 +131,18 @@ def test_document_masking_equals_separate_documents(prepared):
                 alone = m.hidden(tok[r, cols][None], pos[r, cols][None])
                 torch.testing.assert_close(packed[r, cols], alone[0], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(packed, unmasked, atol=1e-3)  # the mask matters for this data
+
+
+@pytest.mark.real
+def test_cli_data_prepare_with_the_gemma_tokenizer(tmp_path, capsys):
+    from gemmakit import cli
+    from gemmakit.train.commands import load_tokenizer
+
+    (tmp_path / "a.txt").write_bytes(b"To be, or not to be\xff")
+    assert cli.main(["data", "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o"), "--val-fraction", "0"]) == 0
+    tok = load_tokenizer(None)
+    toks = np.fromfile(tmp_path / "o" / "train.tokens", dtype=np.uint32)
+    assert toks.tolist() == [2, *tok.encode("To be, or not to be\ufffd", add_bos=False), 1]
+    assert "1 invalid UTF-8" in capsys.readouterr().err
+    assert cli.main(["data", "prepare", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]) == 1
+    assert "none.txt: no such file or folder" in capsys.readouterr().err

@@ -3,7 +3,6 @@ sampled distillation against online full distillation, and the CLI end to end on
 
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -104,14 +104,13 @@ def new_model(spec: str, seed: int) -> tuple[torch.nn.Module, Config]:
     return model, model.config
 
 
-def _fit(args: argparse.Namespace, model: torch.nn.Module, loss_fn=None, extra: dict | None = None,
-         check=None) -> None:
+def _fit(args: argparse.Namespace, model: torch.nn.Module, loss_fn=None, extra: dict | None = None) -> None:
+    """Train `model` on args.data with the TrainConfig options; save OUT/model at the end (rank 0)."""
+    from gemmakit.train.distill import check_vocab
     from gemmakit.train.parallel import apply_activation_checkpointing, init_distributed, shard
 
     cfg = _train_config(args)
     meta = load_meta(args.data)
-    from gemmakit.train.distill import check_vocab
-
     check_vocab(model.config, meta["vocab_size"], what="data's tokenizer")
     rank, world = init_distributed()
     if cfg.activation_checkpointing:
