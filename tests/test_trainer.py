@@ -134,12 +134,16 @@ def test_activation_checkpointing_same_gradients(data_dir):
 
 
 @pytest.mark.slow
-def test_bf16_training_learns(data_dir, tmp_path):
-    res = T.train(model(), D.PackedData(data_dir, "train", 16, 4), tcfg(steps=20, lr=1e-2, bf16=True, ckpt_every=100),
-                  tmp_path / "r", val=D.PackedData(data_dir, "val", 16, 4))
-    losses = [r["loss"] for r in res["log"]]
-    assert losses[-1] < losses[0] - 1.5
-    assert res["log"][-1]["val_loss"] < losses[0] - 1.0
+def test_bf16_autocast_trains_close_to_fp32(data_dir, tmp_path):
+    runs = {}
+    for bf16 in (False, True):
+        runs[bf16] = T.train(model(), D.PackedData(data_dir, "train", 16, 4),
+                             tcfg(steps=5, lr=1e-2, bf16=bf16, ckpt_every=100), tmp_path / str(bf16),
+                             val=D.PackedData(data_dir, "val", 16, 4))["log"]
+    fp32, bf16 = [r["loss"] for r in runs[False]], [r["loss"] for r in runs[True]]
+    assert bf16 == pytest.approx(fp32, rel=2e-2) and bf16 != fp32  # bf16 really ran, and stayed close
+    assert bf16[-1] < bf16[0] - 0.5
+    assert runs[True][-1]["val_loss"] == pytest.approx(runs[False][-1]["val_loss"], rel=2e-2)
 
 
 FSDP = """
