@@ -98,7 +98,10 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: 
     try:
         weights.save(model, tmp)
         tokenizer.save(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is an ordinary directory
+        # Temp files and mkdtemp are private (0600/0700); a model directory is an ordinary, readable one.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if out.is_dir():
             out.rmdir()  # empty (checked above); fails if someone filled it meanwhile
         os.rename(tmp, out)
