@@ -9,8 +9,8 @@ Each variant runs in its own process; the figure is the growth of the process's 
 memory just before it (models, optimizer-free). Teacher: the Gemma 3 270M shape (random weights: the
 memory is the same); student: a d_model-128 Gemma 3 with the same 262,144-token vocabulary.
 
-    python bench/distill_memory.py                  # 1,024 tokens (2 x 512), chunk 256
-    python bench/distill_memory.py --tokens 2048
+    python bench/distill_memory.py                  # 1,024 and 2,048 tokens (sequences of 512), chunk 256
+    python bench/distill_memory.py --tokens 4096    # the straightforward full step needs ~17 GB
 
 Prints a table and writes distill_memory.json and distill_memory.png next to this file.
 """
@@ -88,36 +88,38 @@ def one_step(variant: str, tokens: int, seq_len: int, chunk: int, k: int) -> dic
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048], help="tokens per step (one run each)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--k", type=int, default=256)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(one_step(args.child, args.tokens, args.seq_len, args.chunk, args.k)))
+        print(json.dumps(one_step(args.child, args.tokens[0], args.seq_len, args.chunk, args.k)))
         return
 
     rows = []
-    for v in VARIANTS:
-        r = subprocess.run([sys.executable, __file__, "--child", v, "--tokens", str(args.tokens), "--seq-len",
-                            str(args.seq_len), "--chunk", str(args.chunk), "--k", str(args.k)],
-                           capture_output=True, text=True, check=True)
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        print(f"{v:26s} done", file=sys.stderr)
-    by = {r["variant"]: r for r in rows}
+    for n in args.tokens:
+        for v in VARIANTS:
+            r = subprocess.run([sys.executable, __file__, "--child", v, "--tokens", str(n), "--seq-len",
+                                str(args.seq_len), "--chunk", str(args.chunk), "--k", str(args.k)],
+                               capture_output=True, text=True, check=True)
+            rows.append({"tokens": n, **json.loads(r.stdout.strip().splitlines()[-1])})
+            print(f"{n:6d} tokens  {v:26s} done", file=sys.stderr)
     gib = 2**30
-    lines = [f"one distillation step, {args.tokens} tokens, vocabulary 262,144, chunk {args.chunk}", "",
-             "| objective | straightforward peak | chunked peak | ratio | loss (straightforward / chunked) |",
-             "|---|---|---|---|---|"]
-    summary = {}
-    for obj in ("full", "sampled"):
-        a, b = by[f"{obj}/straightforward"], by[f"{obj}/chunked"]
-        ratio = a["step_peak_bytes"] / max(b["step_peak_bytes"], 1)
-        summary[obj] = {"straightforward_gib": a["step_peak_bytes"] / gib, "chunked_gib": b["step_peak_bytes"] / gib,
-                        "ratio": ratio}
-        lines.append(f"| {obj} | {a['step_peak_bytes'] / gib:.2f} GiB | {b['step_peak_bytes'] / gib:.2f} GiB | "
-                     f"{ratio:.1f}x | {a['loss']:.4f} / {b['loss']:.4f} |")
+    lines = [f"one distillation step, vocabulary 262,144, chunk {args.chunk}", "",
+             "| tokens | objective | straightforward peak | chunked peak | ratio | loss (straightforward / chunked) |",
+             "|---|---|---|---|---|---|"]
+    summary = []
+    for n in args.tokens:
+        by = {r["variant"]: r for r in rows if r["tokens"] == n}
+        for obj in ("full", "sampled"):
+            a, b = by[f"{obj}/straightforward"], by[f"{obj}/chunked"]
+            ratio = a["step_peak_bytes"] / max(b["step_peak_bytes"], 1)
+            summary.append({"tokens": n, "objective": obj, "straightforward_gib": a["step_peak_bytes"] / gib,
+                            "chunked_gib": b["step_peak_bytes"] / gib, "ratio": ratio})
+            lines.append(f"| {n:,} | {obj} | {a['step_peak_bytes'] / gib:.2f} GiB | {b['step_peak_bytes'] / gib:.2f} GiB "
+                         f"| {ratio:.1f}x | {a['loss']:.4f} / {b['loss']:.4f} |")
     print("\n".join(lines))
     (HERE / "distill_memory.json").write_text(json.dumps({"args": vars(args), "rows": rows, "summary": summary},
                                                          indent=1))
@@ -126,12 +128,17 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    xs = range(len(VARIANTS))
-    ax.bar(xs, [by[v]["step_peak_bytes"] / gib for v in VARIANTS], color=["C3", "C2", "C3", "C2"])
-    ax.set_xticks(list(xs), [v.replace("/", "\n") for v in VARIANTS])
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    width = 0.8 / len(VARIANTS)
+    for i, v in enumerate(VARIANTS):
+        ys = [next(r["step_peak_bytes"] for r in rows if r["tokens"] == n and r["variant"] == v) / gib
+              for n in args.tokens]
+        ax.bar([j + i * width for j in range(len(args.tokens))], ys, width, label=v,
+               color=["C3", "C2", "C1", "C0"][i])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(args.tokens))], [f"{n:,} tokens" for n in args.tokens])
     ax.set_ylabel("peak memory of one step (GiB)")
-    ax.set_title(f"Distillation step, {args.tokens} tokens x 262,144 vocabulary")
+    ax.set_title("One distillation step, vocabulary 262,144")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(HERE / "distill_memory.png", dpi=110)
 
