@@ -103,3 +103,22 @@ def test_bf16_model_stays_bf16_and_bytes_match_the_plan():
 def test_unknown_mode_is_an_error():
     with pytest.raises(ValueError, match="int8, int4"):
         quantize(tiny(), "int3")
+
+
+def test_fuse_decode_shares_weights_and_keeps_the_checkpoint_keys():
+    from gemmakit.quant import DenseEmbedding, DenseLinear, fuse_decode
+
+    model = tiny()
+    keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        ref = model(tokens)
+        fuse_decode(model)
+        fuse_decode(model)  # idempotent
+        torch.testing.assert_close(model(tokens), ref, rtol=0, atol=0)  # eager: the same BLAS calls
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys  # no copies, same names
+    assert isinstance(model.model.embed_tokens, DenseEmbedding)
+    assert isinstance(model.model.layers[0].mlp.up_proj, DenseLinear)
+    quantize(model, "int8")  # quantizing after fusing still converts every matrix
+    assert isinstance(model.model.layers[0].mlp.up_proj, Int8Linear)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)
