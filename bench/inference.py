@@ -11,9 +11,10 @@ times each; the table shows medians.
 - bandwidth: the machine's memory read bandwidth, measured here (sum of a 1 GiB tensor, same threads).
   "% of limit" = decode steps/s x bytes of weights read per step / bandwidth.
 - memory: each variant in a fresh process: peak RSS while serving (load done, then prefill 512 + decode
-  32), and the peak including loading.
+  32), and the peak including loading. A separate step (`--memory`), as it does not depend on load.
 
-    python bench/inference.py --threads 2 --repeats 5     # writes bench/results/inference.{md,json}
+    python bench/inference.py --memory                    # bench/results/inference_memory.json
+    python bench/inference.py --threads 2 --repeats 3     # bench/results/inference.{md,json}
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def memory_child(variant: str, threads: int) -> None:
     tokenizer = runner.tokenizer if hasattr(runner, "tokenizer") else Gemmakit.tokenizer_only()
     ids = real_text_ids(tokenizer, PREFILL)
     load_peak = _rss_peak_kib()
+    runner.decode([ids[:DECODE_PROMPT]], 4)  # compile gemmakit's decode step before measuring
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak: from here on it is serving memory
     runner.prefill(ids)
@@ -168,6 +170,11 @@ def _tokenizer_only():
 Gemmakit.tokenizer_only = staticmethod(_tokenizer_only)
 
 
+def load_memory(out: Path) -> dict:
+    path = out / "inference_memory.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def memory_of(variant: str, threads: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--memory-of", variant, "--threads", str(threads)],
                          capture_output=True, text=True, check=True)
@@ -181,7 +188,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
-    ap.add_argument("--no-memory", action="store_true", help="skip the per-process memory measurement")
+    ap.add_argument("--memory", action="store_true",
+                    help="only measure peak memory (one process per variant; not timing-sensitive), into "
+                         "inference_memory.json, which the timing run includes in its table")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -189,6 +198,14 @@ def main() -> None:
         return memory_child(args.memory_of, args.threads)
     torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",")]
+    if args.memory:
+        memory = load_memory(Path(args.out))
+        for v in tqdm(variants, desc="peak memory, one process each"):
+            memory[v] = memory_of(v, args.threads)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(args.out) / "inference_memory.json", json.dumps(memory, indent=2))
+        print(json.dumps(memory, indent=2))
+        return
 
     tokenizer = _tokenizer_only()
     ids = real_text_ids(tokenizer, PREFILL + BATCH * DECODE_PROMPT)
@@ -213,10 +230,7 @@ def main() -> None:
             results[v]["decode8"].append(r.decode(eight, NEW) * BATCH)
     del runners
     gc.collect()
-    memory = {}
-    if not args.no_memory:
-        for v in tqdm(variants, desc="peak memory, one process each"):
-            memory[v] = memory_of(v, args.threads)
+    memory = load_memory(Path(args.out))
 
     bandwidth_bps = statistics.median(bw)
     rows = []
