@@ -69,8 +69,18 @@ class DenseLinear(nn.Module):
 def dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
     """x @ weight.T: compiled with few rows, a broadcast-multiply-sum accumulated in fp32; else BLAS."""
     if _fuse(x):
-        return (x[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)
+        return _rows_last(x, lambda x2: (weight.float()[:, None, :] * x2).sum(-1))
     return F.linear(x, weight)
+
+
+def _rows_last(x: Tensor, product: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply `product` ([R, in] fp32 -> [out, R]) to x [..., in] and return [..., out] in x's dtype.
+
+    The weight's row is the outer loop of the compiled reduction and the input rows the inner one, so
+    with a batch each weight row is read from memory once, not once per sequence.
+    """
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    return product(x2).T.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 # -- int8 -------------------------------------------------------------------------------------------
@@ -103,8 +113,8 @@ class Int8Linear(nn.Module):
 
     def fused(self, x: Tensor) -> Tensor:
         # Sum in fp32 whatever the activation dtype; the per-row scale applies once to the sum.
-        y = (x[..., None, :].float() * self.weight.float()).sum(-1)
-        return (y * self.scale.float()).to(x.dtype)
+        w, scale = self.weight, self.scale
+        return _rows_last(x, lambda x2: (w.float()[:, None, :] * x2).sum(-1) * scale.float()[:, None])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fused(x) if _fuse(x) else _blocked(x, self.out_features, self.dequantize)
@@ -159,13 +169,16 @@ class Int4Linear(nn.Module):
         # Dequantize in registers and reduce over the whole row at once: each packed byte is read once
         # and feeds both halves of its group; a per-group sum first would cost one horizontal
         # reduction per 32 weights.
-        half = self.group // 2
-        xg = x.float().reshape(*x.shape[:-1], 1, self.in_features // self.group, self.group)
-        lo, hi = _unpack_int4(self.weight)
-        scale, low = self.scale.float()[..., None], self.low.float()[..., None]
-        prod = xg[..., :half] * (lo.float() * scale + low) + xg[..., half:] * (hi.float() * scale + low)
-        y = prod.sum((-1, -2))
-        return y.to(x.dtype)
+        half, groups = self.group // 2, self.in_features // self.group
+        lo, hi = _unpack_int4(self.weight)  # [out, groups, half]
+        scale, low = self.scale.float()[:, None, :, None], self.low.float()[:, None, :, None]
+        w_lo, w_hi = lo.float()[:, None] * scale + low, hi.float()[:, None] * scale + low
+
+        def product(x2: Tensor) -> Tensor:
+            xg = x2.reshape(1, -1, groups, self.group)
+            return (xg[..., :half] * w_lo + xg[..., half:] * w_hi).sum((-1, -2))
+
+        return _rows_last(x, product)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fused(x) if _fuse(x) else _blocked(x, self.out_features, self.dequantize)
