@@ -8,7 +8,7 @@ same sequences in the same order; only the objective differs:
   (b) full distillation (Gemma 2): cross-entropy against the teacher's whole distribution, online;
   (c) sampled distillation (Gemma 3): 256 ids per token sampled from the teacher, from a teacher cache.
 
-    python experiments/distill_shakespeare.py            # ~40 min on 2 CPU cores
+    python experiments/distill_shakespeare.py --docs docs   # ~45 min on 2 shared CPU cores (docs/distillation.md)
     python experiments/distill_shakespeare.py --quick    # a minute: checks that the pipeline runs
 
 Writes OUT/results.json after every stage, and OUT/distillation.png + OUT/results.md at the end
@@ -53,20 +53,20 @@ def student_config(d_model: int, n_layers: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="experiments/out/distill_shakespeare")
+    p.add_argument("--out", default="/tmp/gemmakit-distill-shakespeare")
     p.add_argument("--docs", default=None, help="also copy distillation.png / distillation.json here")
     p.add_argument("--train-plays", nargs="+", default=["hamlet_gut.txt", "macbeth_gut.txt",
                                                         "midsummer_nights_dream_gut.txt"])
     p.add_argument("--val-play", default="tempest_gut.txt")
-    p.add_argument("--train-chars", type=int, default=24000, help="characters taken from the start of each play")
-    p.add_argument("--val-tokens", type=int, default=4096, help="held-out tokens evaluated")
+    p.add_argument("--train-chars", type=int, default=16000, help="characters taken from the start of each play")
+    p.add_argument("--val-tokens", type=int, default=2048, help="held-out tokens evaluated")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layers", type=int, default=6)
     p.add_argument("--k", type=int, default=256)
-    p.add_argument("--evals", type=int, default=5, help="validation points per run")
+    p.add_argument("--evals", type=int, default=4, help="validation points per run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the pipeline")
     args = p.parse_args()
