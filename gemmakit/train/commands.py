@@ -34,6 +34,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="directory written by `gemmakit data prepare`")
     p.add_argument("--out", required=True, help="run directory: checkpoint.pt, log.jsonl, model/")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank only (0: full training); "
+                   "merged into the weights of OUT/model at the end")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (update = B A alpha / rank)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
@@ -112,6 +115,10 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, loss_fn=None, extra: 
     cfg = _train_config(args)
     meta = load_meta(args.data)
     check_vocab(model.config, meta["vocab_size"], what="data's tokenizer")
+    if args.lora_rank:
+        from gemmakit.train.lora import apply_lora
+
+        apply_lora(model, args.lora_rank, args.lora_alpha, generator=torch.Generator().manual_seed(cfg.seed))
     rank, world = init_distributed()
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -132,6 +139,10 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, loss_fn=None, extra: 
         return
     from gemmakit import weights
 
+    if args.lora_rank:
+        from gemmakit.train.lora import merge_lora
+
+        merge_lora(model)
     weights.save(model, Path(args.out) / "model")
     last = res["log"][-1] if res["log"] else {}
     print(json.dumps({"step": res["step"], "loss": last.get("loss"), "val_loss": last.get("val_loss"),
