@@ -251,6 +251,12 @@ def _swap(model: nn.Module, mode: str | None, group: int) -> nn.Module:
         as_linear = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
         as_linear.weight = emb.weight  # shares storage: no copy of the table
         body.embed_tokens = QuantEmbedding(convert(as_linear))
+    if mode is not None:
+        # The float tensors left (norms) may be views into a memory-mapped checkpoint; as long as one
+        # is alive the whole mapping stays, and every page that quantizing read stays resident. Copy
+        # them (a few KiB) so the float weights really go away.
+        for p in model.model.parameters():
+            p.data = p.data.clone()
     return model
 
 
