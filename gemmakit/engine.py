@@ -57,6 +57,9 @@ def decode_fn(compile: bool) -> Callable:
     if not compile:
         return _decode_step
     if 0 not in _compiled:
+        # One graph per (model, batch, cache length). Past dynamo's recompile limit (8) the step would
+        # silently run eagerly, which for quantized weights means dequantizing every matrix per token.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled[0] = torch.compile(_decode_step, dynamic=False, fullgraph=True)
     return _compiled[0]
 

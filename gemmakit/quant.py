@@ -4,9 +4,9 @@
 embedding / LM head with modules that keep integer weights plus scales and dequantize on the fly.
 Activations stay in the model's dtype. Each module's `forward` has two paths:
 
-- few rows (decode): a broadcast-multiply-sum with the dequantization inside it. Under
-  torch.compile this becomes one fused reduction that reads the integer weights once, which is what
-  makes decoding memory-bound on the smaller weights rather than on a dequantized copy.
+- few rows (decode): a multiply-sum per input row with the dequantization inside it. Under
+  torch.compile the rows' reductions become one fused loop that reads the integer weights once, so
+  decoding streams the small weights rather than a dequantized copy.
 - many rows (prefill): dequantize the matrix once (a temporary in the compute dtype) and use the
   BLAS matmul, which is faster than any fused kernel when the weight is reused across many tokens.
 
@@ -50,8 +50,9 @@ def _blocked(x: Tensor, out_features: int, rows: Callable[[int, int], Tensor]) -
 class DenseLinear(nn.Module):
     """nn.Linear's weight (shared, not copied) with the fused decode path: `fuse_decode` swaps it in.
 
-    torch's own matrix-vector product is slow on CPUs without bf16 instructions, and inductor hands
-    F.linear to that same library call; the broadcast-multiply-sum compiles to a streaming reduction.
+    torch's bf16 matrix-vector product is slow on CPUs without bf16 instructions, and its few-row
+    products (batched decode) are slow in any dtype; inductor hands F.linear to those same library
+    calls, whereas a multiply-sum compiles to a streaming reduction.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -67,20 +68,29 @@ class DenseLinear(nn.Module):
 
 
 def dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
-    """x @ weight.T: compiled with few rows, a broadcast-multiply-sum accumulated in fp32; else BLAS."""
-    if _fuse(x):
-        return _rows_last(x, lambda x2: (weight.float()[:, None, :] * x2).sum(-1))
+    """x @ weight.T: compiled with few rows, a multiply-sum per row accumulated in fp32; else BLAS.
+
+    One fp32 row is the exception: BLAS's fp32 matrix-vector product already streams the weights at
+    the memory bandwidth (measured faster than the fused loop), while its few-row fp32 products and
+    its bf16 products do not.
+    """
+    if _fuse(x) and not (weight.dtype == torch.float32 and x.numel() == x.shape[-1]):
+        w = weight.float()
+        return _per_row(x, lambda row: (w * row).sum(-1))
     return F.linear(x, weight)
 
 
-def _rows_last(x: Tensor, product: Callable[[Tensor], Tensor]) -> Tensor:
-    """Apply `product` ([R, in] fp32 -> [out, R]) to x [..., in] and return [..., out] in x's dtype.
+def _per_row(x: Tensor, product: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply `product` (one fp32 input row [in] -> [out]) to every row of x [..., in]; [..., out] in x's dtype.
 
-    The weight's row is the outer loop of the compiled reduction and the input rows the inner one, so
-    with a batch each weight row is read from memory once, not once per sequence.
+    One reduction per row, written separately: inductor fuses reductions over the same weight into one
+    loop that loads and converts each weight element once and feeds every row from registers. Written
+    as one [out, rows, in] broadcast instead, it may vectorize across the rows and read the weights as
+    scalars (batch 8 then runs 40x slower than batch 1).
     """
     x2 = x.reshape(-1, x.shape[-1]).float()
-    return product(x2).T.reshape(*x.shape[:-1], -1).to(x.dtype)
+    out = torch.stack([product(x2[r]) for r in range(x2.shape[0])])
+    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 # -- int8 -------------------------------------------------------------------------------------------
@@ -113,8 +123,8 @@ class Int8Linear(nn.Module):
 
     def fused(self, x: Tensor) -> Tensor:
         # Sum in fp32 whatever the activation dtype; the per-row scale applies once to the sum.
-        w, scale = self.weight, self.scale
-        return _rows_last(x, lambda x2: (w.float()[:, None, :] * x2).sum(-1) * scale.float()[:, None])
+        w, scale = self.weight.float(), self.scale.float()
+        return _per_row(x, lambda row: (w * row).sum(-1) * scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fused(x) if _fuse(x) else _blocked(x, self.out_features, self.dequantize)
@@ -171,14 +181,14 @@ class Int4Linear(nn.Module):
         # reduction per 32 weights.
         half, groups = self.group // 2, self.in_features // self.group
         lo, hi = _unpack_int4(self.weight)  # [out, groups, half]
-        scale, low = self.scale.float()[:, None, :, None], self.low.float()[:, None, :, None]
-        w_lo, w_hi = lo.float()[:, None] * scale + low, hi.float()[:, None] * scale + low
+        scale, low = self.scale.float()[..., None], self.low.float()[..., None]
+        w_lo, w_hi = lo.float() * scale + low, hi.float() * scale + low
 
-        def product(x2: Tensor) -> Tensor:
-            xg = x2.reshape(1, -1, groups, self.group)
-            return (xg[..., :half] * w_lo + xg[..., half:] * w_hi).sum((-1, -2))
+        def product(row: Tensor) -> Tensor:
+            xg = row.reshape(groups, self.group)
+            return (xg[:, :half] * w_lo + xg[:, half:] * w_hi).sum((-1, -2))
 
-        return _rows_last(x, product)
+        return _per_row(x, product)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fused(x) if _fuse(x) else _blocked(x, self.out_features, self.dequantize)
