@@ -1,10 +1,12 @@
 """Inference speed and memory: gemmakit (fp32, bf16, int8, int4) against transformers (fp32, bf16).
 
 Both load the same file, the embedded Gemma 3 270M Q4_K_M GGUF (transformers dequantizes it itself;
-gemmakit loads its dequantized checkpoint). All variants stay loaded and are run alternately, `--repeats`
-times each; the table shows medians.
+gemmakit loads its dequantized checkpoint). Each variant lives in its own worker process, loaded and
+warmed up once; the driver runs them in turn, `--repeats` times each, one at a time; the table shows
+medians.
 
-- prefill: time to the first new token for one 512-token prompt (LM head on the last position only).
+- prefill: time to the first new token for one 512-token prompt (LM head on the last position only),
+  three samples per repeat.
 - decode: 128 new tokens, greedy, batch 1 and batch 8 (8 different prompts of equal length); tokens/s
   per sequence for batch 1, summed over the batch for batch 8. gemmakit decodes with the compiled step
   (`generate(compile=True)`); transformers with its KV cache in a plain loop (no `generate` overhead).
@@ -14,7 +16,7 @@ times each; the table shows medians.
   32), and the peak including loading. A separate step (`--memory`), as it does not depend on load.
 
     python bench/inference.py --memory                    # bench/results/inference_memory.json
-    python bench/inference.py --threads 2 --repeats 3     # bench/results/inference.{md,json}
+    python bench/inference.py --threads 2 --repeats 5     # bench/results/inference.{md,json,png}
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import gc
 import glob
 import json
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -52,15 +55,20 @@ def real_text_ids(tokenizer, n_tokens: int) -> list[int]:
 
 
 def bandwidth(repeats: int = 7) -> float:
-    """Bytes per second reading a 1 GiB fp32 tensor (a reduction: reads only, no writes)."""
+    """Bytes per second reading 1 GiB of fp32: the faster of a plain reduction and BLAS's
+    matrix-vector product (the fastest streaming read torch has here), median over `repeats`."""
     x = torch.ones(1 << 28)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return x.nbytes / statistics.median(times)
+    m, v = x.view(1 << 18, 1 << 10), torch.ones(1 << 10)
+    best = 0.0
+    for f in (lambda: x.sum(), lambda: m @ v):
+        f()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        best = max(best, x.nbytes / statistics.median(times))
+    return best
 
 
 # -- runners: load one variant; time a prefill and a decode ------------------------------------------
@@ -213,25 +221,69 @@ def main() -> None:
     chunks = [ids[PREFILL + i * DECODE_PROMPT:PREFILL + (i + 1) * DECODE_PROMPT] for i in range(BATCH)]
     one, eight = [[tokenizer.bos_id] + chunks[0][1:]], [[tokenizer.bos_id] + c[1:] for c in chunks]
 
-    runners, weights, results = {}, {}, {v: {"prefill": [], "decode1": [], "decode8": []} for v in variants}
-    for v in tqdm(variants, desc="load + warm up (compiles gemmakit's decode step)"):
-        r = runners[v] = load(v)
-        weights[v] = r.weight_bytes()
-        r.prefill(prompt)
-        r.decode(one, 8)
-        r.decode(eight, 8)
-    bw = []
-    for _ in tqdm(range(args.repeats), desc="timing, variants alternating"):
+    # One worker process per variant, each loaded and warmed up once, then driven in turn: only one
+    # computes at any time, and no library's thread pools, allocator or compiled graphs can slow
+    # another's (with all six in one process, the first ones measured up to 2x slower).
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for v in tqdm(variants, desc="load + warm up, one process each (compiles gemmakit's decode step)"):
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(v, args.threads, prompt, one, eight, there), daemon=True)
+        proc.start()
+        workers[v] = (proc, here)
+        here.send("warmup")
+        _reply(v, here)
+    weights = {}
+    for v, (_, conn) in workers.items():
+        conn.send("weights")
+        weights[v] = _reply(v, conn)
+    results = {v: {"prefill": [], "decode1": [], "decode8": []} for v in variants}
+    bw: list[float] = []
+    for i in tqdm(range(args.repeats), desc="timing, variants alternating"):
         bw.append(bandwidth())
         for v in variants:
-            r = runners[v]
-            results[v]["prefill"].append(PREFILL / r.prefill(prompt))
-            results[v]["decode1"].append(r.decode(one, NEW))
-            results[v]["decode8"].append(r.decode(eight, NEW) * BATCH)
-    del runners
-    gc.collect()
-    memory = load_memory(Path(args.out))
+            workers[v][1].send("time")
+            for k, x in _reply(v, workers[v][1]).items():
+                results[v][k] += x
+        # Written after every repeat, so an interrupted run still leaves its medians so far.
+        write_results(Path(args.out), variants, results, weights, bw, args, repeats_done=i + 1)
+    for proc, conn in workers.values():
+        conn.send("stop")
+        proc.join()
 
+
+def worker(variant: str, threads: int, prompt: list[int], one: list[list[int]], eight: list[list[int]],
+           conn) -> None:
+    """Serve one variant: "warmup", "weights" (bytes), "time" (prefill/decode figures), "stop"."""
+    torch.set_num_threads(threads)
+    try:
+        runner = load(variant)
+        while (cmd := conn.recv()) != "stop":
+            if cmd == "warmup":
+                runner.prefill(prompt)
+                runner.decode(one, 8)
+                runner.decode(eight, 8)
+                conn.send(None)
+            elif cmd == "weights":
+                conn.send(runner.weight_bytes())
+            elif cmd == "time":
+                # Prefill is short and noisy here: three samples per repeat.
+                conn.send(dict(prefill=[PREFILL / runner.prefill(prompt) for _ in range(3)],
+                               decode1=[runner.decode(one, NEW)], decode8=[runner.decode(eight, NEW) * BATCH]))
+    except Exception as e:  # sent back so the run stops with the worker's error, not a hang
+        conn.send(RuntimeError(f"{variant}: {type(e).__name__}: {e}"))
+
+
+def _reply(variant: str, conn):
+    out = conn.recv()
+    if isinstance(out, Exception):
+        raise out
+    return out
+
+
+def write_results(out: Path, variants: list[str], results: dict, weights: dict, bw: list[float],
+                  args: argparse.Namespace, repeats_done: int) -> None:
+    memory = load_memory(out)
     bandwidth_bps = statistics.median(bw)
     rows = []
     for v in variants:
@@ -240,15 +292,15 @@ def main() -> None:
                          decode1_fraction_of_limit=med["decode1"] * weights[v] / bandwidth_bps,
                          decode8_fraction_of_limit=med["decode8"] / BATCH * weights[v] / bandwidth_bps,
                          runs={k: x for k, x in results[v].items()}, **memory.get(v, {})))
-    meta = dict(threads=args.threads, repeats=args.repeats, bandwidth_gb_s=bandwidth_bps / 1e9,
+    meta = dict(threads=args.threads, repeats=repeats_done, bandwidth_gb_s=bandwidth_bps / 1e9,
                 bandwidth_runs_gb_s=[b / 1e9 for b in bw], torch=torch.__version__, machine=platform.processor(),
                 load_average=os.getloadavg(), cpu_count=os.cpu_count(), prefill_tokens=PREFILL, new_tokens=NEW,
                 batch=BATCH, command="python " + " ".join(sys.argv))
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "inference.json", json.dumps(dict(meta=meta, rows=rows), indent=2))
     table = markdown(rows, meta)
     write_atomic(out / "inference.md", table)
+    plot(rows, meta, out / "inference.png")
     print(table)
 
 
@@ -276,6 +328,37 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += ["", f"`{meta['command']}` (torch {meta['torch']}, load average at the end "
                   f"{', '.join(f'{x:.1f}' for x in meta['load_average'])})", ""]
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], meta: dict, path: Path) -> None:
+    """Bars of the three speeds per variant, gemmakit and transformers side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("prefill_tok_s", "prefill, 512-token prompt"), ("decode1_tok_s", "decode, batch 1"),
+              ("decode8_tok_s", "decode, batch 8 (all sequences)")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    names = [r["variant"] for r in rows]
+    colors = ["tab:blue" if n.startswith("gemmakit") else "tab:gray" for n in names]
+    for ax, (key, title) in zip(axes, panels):
+        values = [r[key] for r in rows]
+        ax.barh(names, values, color=colors)
+        for y, x in enumerate(values):
+            ax.text(x, y, f" {x:,.0f}" if x >= 100 else f" {x:.1f}", va="center", fontsize=8)
+        ax.set_title(title)
+        ax.set_xlabel("tokens/s")
+        ax.invert_yaxis()
+        ax.margins(x=0.2)
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.suptitle(f"Gemma 3 270M, {meta['threads']} threads, median of {meta['repeats']} alternating runs")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def write_atomic(path: Path, text: str) -> None:
