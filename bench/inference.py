@@ -10,7 +10,8 @@ medians.
 - decode: 128 new tokens, greedy, batch 1 and batch 8 (8 different prompts of equal length); tokens/s
   per sequence for batch 1, summed over the batch for batch 8. gemmakit decodes with the compiled step
   (`generate(compile=True)`); transformers with its KV cache in a plain loop (no `generate` overhead).
-- bandwidth: the machine's memory read bandwidth, measured here (sum of a 1 GiB tensor, same threads).
+- bandwidth: the machine's memory read bandwidth, measured here over 1 GiB with the same threads (the
+  faster of a reduction and BLAS's matrix-vector product).
   "% of limit" = decode steps/s x bytes of weights read per step / bandwidth.
 - memory: each variant in a fresh process: peak RSS while serving (load done, then prefill 512 + decode
   32), and the peak including loading. A separate step (`--memory`), as it does not depend on load.
@@ -157,7 +158,7 @@ def _rss_peak_kib() -> int:
 def memory_child(variant: str, threads: int) -> None:
     torch.set_num_threads(threads)
     runner = load(variant)
-    tokenizer = runner.tokenizer if hasattr(runner, "tokenizer") else Gemmakit.tokenizer_only()
+    tokenizer = getattr(runner, "tokenizer", None) or _tokenizer_only()
     ids = real_text_ids(tokenizer, PREFILL)
     load_peak = _rss_peak_kib()
     runner.decode([ids[:DECODE_PROMPT]], 4)  # compile gemmakit's decode step before measuring
@@ -173,9 +174,6 @@ def _tokenizer_only():
     from gemmakit.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(hub.default_checkpoint())
-
-
-Gemmakit.tokenizer_only = staticmethod(_tokenizer_only)
 
 
 def load_memory(out: Path) -> dict:
