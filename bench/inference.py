@@ -1,7 +1,10 @@
-"""Inference speed and memory: gemmakit (fp32, bf16, int8, int4) against transformers (fp32, bf16).
+"""Inference speed and memory: gemmakit (fp32, bf16, int8, int4) against transformers (fp32, bf16)
+and llama.cpp.
 
-Both load the same file, the embedded Gemma 3 270M Q4_K_M GGUF (transformers dequantizes it itself;
-gemmakit loads its dequantized checkpoint). Each variant lives in its own worker process, loaded and
+All load the same file, the embedded Gemma 3 270M Q4_K_M GGUF: transformers dequantizes it itself,
+gemmakit loads its dequantized checkpoint, llama.cpp (the `llama-cpp-python` binding, an optional
+install that builds llama.cpp for this CPU) runs its Q4_K_M weights as they are; without the binding
+that variant is left out. Each variant lives in its own worker process, loaded and
 warmed up once; the driver runs them in turn, `--repeats` times each, one at a time; the table shows
 medians.
 
@@ -25,10 +28,12 @@ from __future__ import annotations
 import argparse
 import gc
 import glob
+import importlib.util
 import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -39,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 VARIANTS = ["gemmakit fp32", "gemmakit bf16", "gemmakit int8", "gemmakit int4", "transformers fp32",
-            "transformers bf16"]
+            "transformers bf16", "llama.cpp q4_k_m"]
 PREFILL, NEW, BATCH, DECODE_PROMPT = 512, 128, 8, 32
 OUT = Path(__file__).parent / "results"
 
@@ -141,9 +146,46 @@ class Transformers:
         return (n - 1) / (time.perf_counter() - t)
 
 
+class LlamaCpp:
+    """llama.cpp (through llama-cpp-python) on the GGUF file itself: its Q4_K_M kernels, no dequantizing.
+
+    Its Python binding decodes one sequence at a time, so there is no batch-8 figure.
+    """
+
+    def __init__(self, kind: str) -> None:
+        from llama_cpp import Llama
+
+        from gemmakit import hub
+
+        self.path = hub.default_gguf()
+        threads = torch.get_num_threads()
+        self.llm = Llama(model_path=str(self.path), n_ctx=PREFILL + NEW + 64, n_batch=PREFILL, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+
+    def weight_bytes(self) -> int:
+        from gguf import GGUFReader
+
+        return sum(int(t.n_bytes) for t in GGUFReader(self.path).tensors)
+
+    def prefill(self, prompt: list[int]) -> float:
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(prompt)  # logits of the last position only (the binding's default)
+        return time.perf_counter() - t
+
+    def decode(self, prompts: list[list[int]], n: int) -> float | None:
+        if len(prompts) > 1:
+            return None
+        steps = self.llm.generate(prompts[0], top_k=1, temp=0.0, reset=True)  # greedy
+        next(steps)
+        t = time.perf_counter()
+        k = sum(1 for _ in zip(range(n - 1), steps))
+        return k / (time.perf_counter() - t)
+
+
 def load(variant: str):
     lib, kind = variant.split()
-    return Gemmakit(kind) if lib == "gemmakit" else Transformers(kind)
+    return {"gemmakit": Gemmakit, "transformers": Transformers, "llama.cpp": LlamaCpp}[lib](kind)
 
 
 # -- peak memory, one variant per process -----------------------------------------------------------
@@ -204,6 +246,9 @@ def main() -> None:
         return memory_child(args.memory_of, args.threads)
     torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",")]
+    if "llama.cpp q4_k_m" in variants and importlib.util.find_spec("llama_cpp") is None:
+        print("llama-cpp-python is not installed: leaving out llama.cpp", file=sys.stderr)
+        variants.remove("llama.cpp q4_k_m")
     if args.memory:
         memory = load_memory(Path(args.out))
         for v in tqdm(variants, desc="peak memory, one process each"):
@@ -266,8 +311,10 @@ def worker(variant: str, threads: int, prompt: list[int], one: list[list[int]], 
                 conn.send(runner.weight_bytes())
             elif cmd == "time":
                 # Prefill is short and noisy here: three samples per repeat.
+                eight_per_seq = runner.decode(eight, NEW)  # None where a library cannot batch
                 conn.send(dict(prefill=[PREFILL / runner.prefill(prompt) for _ in range(3)],
-                               decode1=[runner.decode(one, NEW)], decode8=[runner.decode(eight, NEW) * BATCH]))
+                               decode1=[runner.decode(one, NEW)],
+                               decode8=[] if eight_per_seq is None else [eight_per_seq * BATCH]))
     except Exception as e:  # sent back so the run stops with the worker's error, not a hang
         conn.send(RuntimeError(f"{variant}: {type(e).__name__}: {e}"))
 
@@ -285,15 +332,16 @@ def write_results(out: Path, variants: list[str], results: dict, weights: dict, 
     bandwidth_bps = statistics.median(bw)
     rows = []
     for v in variants:
-        med = {k: statistics.median(x) for k, x in results[v].items()}
+        med = {k: statistics.median(x) if x else None for k, x in results[v].items()}
         rows.append(dict(variant=v, weight_mib=weights[v] / 2**20, **{f"{k}_tok_s": m for k, m in med.items()},
                          decode1_fraction_of_limit=med["decode1"] * weights[v] / bandwidth_bps,
-                         decode8_fraction_of_limit=med["decode8"] / BATCH * weights[v] / bandwidth_bps,
+                         decode8_fraction_of_limit=(None if med["decode8"] is None else
+                                                    med["decode8"] / BATCH * weights[v] / bandwidth_bps),
                          runs={k: x for k, x in results[v].items()}, **memory.get(v, {})))
     meta = dict(threads=args.threads, repeats=repeats_done, bandwidth_gb_s=bandwidth_bps / 1e9,
                 bandwidth_runs_gb_s=[b / 1e9 for b in bw], torch=torch.__version__, machine=platform.processor(),
                 load_average=os.getloadavg(), cpu_count=os.cpu_count(), prefill_tokens=PREFILL, new_tokens=NEW,
-                batch=BATCH, command="python " + " ".join(sys.argv))
+                batch=BATCH, command="python " + shlex.join(sys.argv))
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "inference.json", json.dumps(dict(meta=meta, rows=rows), indent=2))
     table = markdown(rows, meta)
@@ -306,11 +354,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     by = {r["variant"]: r for r in rows}
 
     def ratio(v: str, key: str, ref: str) -> str:
-        return f" ({by[v][key] / by[ref][key]:.1f}x)" if ref in by and v != ref else ""
+        return f" ({by[v][key] / by[ref][key]:.1f}x)" if ref in by and v != ref and by[v][key] else ""
 
     lines = [f"Gemma 3 270M (Q4_K_M GGUF, dequantized), {meta['threads']} threads, median of {meta['repeats']} "
              f"alternating runs; measured read bandwidth {meta['bandwidth_gb_s']:.1f} GB/s. "
-             f"Ratios in brackets: against transformers at the same dtype (int8/int4: against transformers fp32).",
+             f"Ratios in brackets: against transformers at the same dtype (int8, int4 and llama.cpp: against "
+             f"transformers fp32). llama.cpp runs the file's own Q4_K_M weights.",
              "",
              "| variant | weights MiB | prefill tok/s (512) | decode tok/s, batch 1 | % of bandwidth limit | "
              "decode tok/s, batch 8 | serving peak MiB | peak with loading MiB |",
@@ -319,10 +368,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lib, kind = r["variant"].split()
         ref = f"transformers {kind if kind in ('fp32', 'bf16') else 'fp32'}"
         mem = (f"{r['serving_peak_mib']:,.0f} | {r['load_peak_mib']:,.0f}" if "serving_peak_mib" in r else "- | -")
+        batch8 = ("-" if r["decode8_tok_s"] is None else
+                  f"{r['decode8_tok_s']:.1f}{ratio(r['variant'], 'decode8_tok_s', ref)}")
         lines.append(f"| {r['variant']} | {r['weight_mib']:,.0f} | {r['prefill_tok_s']:,.0f}"
                      f"{ratio(r['variant'], 'prefill_tok_s', ref)} | {r['decode1_tok_s']:.1f}"
                      f"{ratio(r['variant'], 'decode1_tok_s', ref)} | {r['decode1_fraction_of_limit']:.0%} | "
-                     f"{r['decode8_tok_s']:.1f}{ratio(r['variant'], 'decode8_tok_s', ref)} | {mem} |")
+                     f"{batch8} | {mem} |")
+    if (llama := by.get("llama.cpp q4_k_m")) is not None:
+        lines += ["", "Decode, batch 1, against llama.cpp on the same file and threads: " + ", ".join(
+            f"{v} {by[v]['decode1_tok_s'] / llama['decode1_tok_s']:.2f}x" for v in by if v.startswith("gemmakit"))
+            + "."]
     lines += ["", f"`{meta['command']}` (torch {meta['torch']}, load average at the end "
                   f"{', '.join(f'{x:.1f}' for x in meta['load_average'])})", ""]
     return "\n".join(lines)
@@ -339,12 +394,13 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
               ("decode8_tok_s", "decode, batch 8 (all sequences)")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     names = [r["variant"] for r in rows]
-    colors = ["tab:blue" if n.startswith("gemmakit") else "tab:gray" for n in names]
+    colors = ["tab:blue" if n.startswith("gemmakit") else "tab:orange" if n.startswith("llama") else "tab:gray"
+              for n in names]
     for ax, (key, title) in zip(axes, panels):
-        values = [r[key] for r in rows]
+        values = [r[key] or 0.0 for r in rows]  # no bar where a figure is missing
         ax.barh(names, values, color=colors)
         for y, x in enumerate(values):
-            ax.text(x, y, f" {x:,.0f}" if x >= 100 else f" {x:.1f}", va="center", fontsize=8)
+            ax.text(x, y, " -" if not x else f" {x:,.0f}" if x >= 100 else f" {x:.1f}", va="center", fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("tokens/s")
         ax.invert_yaxis()

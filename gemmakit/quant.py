@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 MODES = ("int8", "int4")
 DECODE_ROWS = 16  # at most this many input rows use the fused decode path (batch 8 decode included)
-BLOCK_ELEMENTS = 1 << 23  # weights dequantized at a time on the unfused path (32 MiB in fp32)
+BLOCK_ELEMENTS = 1 << 23  # weights (de)quantized at a time outside the fused path (32 MiB in fp32)
 
 
 def _fuse(x: Tensor) -> bool:
@@ -43,6 +43,17 @@ def _blocked(x: Tensor, out_features: int, rows: Callable[[int, int], Tensor]) -
         return F.linear(x, rows(0, out_features))
     return torch.cat([F.linear(x, rows(i, min(i + block, out_features))) for i in range(0, out_features, block)],
                      dim=-1)
+
+
+def _row_blocks(linear: nn.Linear) -> list[tuple[int, int]]:
+    """(start, end) row ranges of about BLOCK_ELEMENTS weights: quantizing works on one block at a time.
+
+    Whole-matrix temporaries of the 262,144-row embedding are 640 MiB each in fp32, a few of them at
+    once; freed, such memory is not always handed back to the system, and the process kept serving at
+    the size of the float model.
+    """
+    block = max(1, BLOCK_ELEMENTS // linear.in_features)
+    return [(i, min(i + block, linear.out_features)) for i in range(0, linear.out_features, block)]
 
 
 # -- unquantized ------------------------------------------------------------------------------------
@@ -88,9 +99,22 @@ def _per_row(x: Tensor, product: Callable[[Tensor], Tensor]) -> Tensor:
     as one [out, rows, in] broadcast instead, it may vectorize across the rows and read the weights as
     scalars (batch 8 then runs 40x slower than batch 1).
     """
-    x2 = x.reshape(-1, x.shape[-1]).float()
+    x2 = _materialize(x.reshape(-1, x.shape[-1]).float())
     out = torch.stack([product(x2[r]) for r in range(x2.shape[0])])
     return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def _materialize(x: Tensor) -> Tensor:
+    """x stored to a buffer of its own before the products read it (compiled code only).
+
+    inductor otherwise inlines whatever pointwise op produced x (an RMSNorm, say) into the product's
+    loop, and recomputes it, reciprocal square root included, for every one of the output rows:
+    the 262,144-row LM head then ran at half speed. Forcing a fixed stride order is inductor's way to
+    make an input a real buffer; eagerly it is a no-op on a contiguous tensor.
+    """
+    import torch._inductor.inductor_prims  # noqa: F401  registers the op; inductor is loaded when compiling
+
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
 
 
 # -- int8 -------------------------------------------------------------------------------------------
@@ -112,10 +136,9 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        q, scale = quantize_int8(linear.weight.detach())
         m = cls(linear.in_features, linear.out_features, linear.weight.dtype)
-        m.weight.copy_(q)
-        m.scale.copy_(scale)
+        for start, end in _row_blocks(linear):
+            m.weight[start:end], m.scale[start:end] = quantize_int8(linear.weight.detach()[start:end])
         return m
 
     def dequantize(self, start: int = 0, end: int | None = None) -> Tensor:
@@ -162,11 +185,10 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: int = 32) -> Int4Linear:
-        packed, scale, low = quantize_int4(linear.weight.detach(), group)
         m = cls(linear.in_features, linear.out_features, linear.weight.dtype, group)
-        m.weight.copy_(packed)
-        m.scale.copy_(scale)
-        m.low.copy_(low)
+        for start, end in _row_blocks(linear):
+            m.weight[start:end], m.scale[start:end], m.low[start:end] = quantize_int4(
+                linear.weight.detach()[start:end], group)
         return m
 
     def dequantize(self, start: int = 0, end: int | None = None) -> Tensor:

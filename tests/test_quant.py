@@ -40,6 +40,16 @@ def test_int4_roundtrip_error_and_packing():
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_quantizing_in_row_blocks_equals_the_whole_matrix(cls, monkeypatch):
+    lin = nn.Linear(64, 24, bias=False)
+    whole = cls.from_linear(lin)
+    monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 64 * 5)  # 5 rows at a time: blocks of 5, 5, 5, 5, 4
+    blocked = cls.from_linear(lin)
+    for name, t in whole.state_dict().items():
+        torch.testing.assert_close(blocked.state_dict()[name], t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_linear_paths_agree_with_dequantized_weight(cls, rows, monkeypatch):
     lin = nn.Linear(64, 24, bias=False)
@@ -122,3 +132,30 @@ def test_fuse_decode_shares_weights_and_keeps_the_checkpoint_keys():
     quantize(model, "int8")  # quantizing after fusing still converts every matrix
     assert isinstance(model.model.layers[0].mlp.up_proj, Int8Linear)
     assert isinstance(model.model.embed_tokens, QuantEmbedding)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear, None])
+def test_compiled_product_reads_its_input_from_a_buffer(cls):
+    """An RMSNorm feeding the fused product is computed once, not once per output row.
+
+    Inlined into the product's loop, the norm's square root ran for every one of the LM head's
+    262,144 rows and halved its speed. The kernel that reads the weights must not take a square root.
+    """
+    from torch._inductor.utils import run_and_get_code
+
+    from gemmakit.model import RMSNorm
+    from gemmakit.quant import DenseLinear
+
+    lin = nn.Linear(64, 96, bias=False)
+    proj = DenseLinear(lin) if cls is None else cls.from_linear(lin)
+    norm = RMSNorm(64, 1e-6)
+    x = torch.randn(2, 64)  # two rows: one fp32 row would go to BLAS, which reads a buffer anyway
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = norm(x) @ proj.dequantize().T
+        out, (code,) = run_and_get_code(torch.compile(lambda x: proj(norm(x)), dynamic=False, fullgraph=True), x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # The loop nests over the 96 output rows: from each such `x0` loop header to the next `x0` loop.
+    nests = [n for n in code.split("for(int64_t x0=")[1:] if n.startswith("static_cast<int64_t>(0L); x0<static_cast<int64_t>(96L)")]
+    assert "std::sqrt" in code and nests, "expected a norm and a loop over the output rows in the generated code"
+    assert not any("std::sqrt" in n for n in nests), "the norm is recomputed inside the product's loop"
