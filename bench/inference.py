@@ -311,10 +311,11 @@ def worker(variant: str, threads: int, prompt: list[int], one: list[list[int]], 
                 conn.send(runner.weight_bytes())
             elif cmd == "time":
                 # Prefill is short and noisy here: three samples per repeat.
-                eight_per_seq = runner.decode(eight, NEW)  # None where a library cannot batch
-                conn.send(dict(prefill=[PREFILL / runner.prefill(prompt) for _ in range(3)],
-                               decode1=[runner.decode(one, NEW)],
-                               decode8=[] if eight_per_seq is None else [eight_per_seq * BATCH]))
+                prefill = [PREFILL / runner.prefill(prompt) for _ in range(3)]
+                decode1 = [runner.decode(one, NEW)]
+                per_seq = runner.decode(eight, NEW)  # None where a library cannot batch
+                conn.send(dict(prefill=prefill, decode1=decode1,
+                               decode8=[] if per_seq is None else [per_seq * BATCH]))
     except Exception as e:  # sent back so the run stops with the worker's error, not a hang
         conn.send(RuntimeError(f"{variant}: {type(e).__name__}: {e}"))
 

@@ -156,6 +156,7 @@ def test_compiled_product_reads_its_input_from_a_buffer(cls):
         out, (code,) = run_and_get_code(torch.compile(lambda x: proj(norm(x)), dynamic=False, fullgraph=True), x)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     # The loop nests over the 96 output rows: from each such `x0` loop header to the next `x0` loop.
-    nests = [n for n in code.split("for(int64_t x0=")[1:] if n.startswith("static_cast<int64_t>(0L); x0<static_cast<int64_t>(96L)")]
+    header = "static_cast<int64_t>(0L); x0<static_cast<int64_t>(96L)"
+    nests = [n for n in code.split("for(int64_t x0=")[1:] if n.startswith(header)]
     assert "std::sqrt" in code and nests, "expected a norm and a loop over the output rows in the generated code"
     assert not any("std::sqrt" in n for n in nests), "the norm is recomputed inside the product's loop"
