@@ -29,6 +29,19 @@ class RMSNorm(nn.Module):
         return (h * (1.0 + self.weight.float())).type_as(x)
 
 
+def materialize(x: Tensor) -> Tensor:
+    """x stored to a buffer of its own before the products read it (compiled code only).
+
+    inductor otherwise inlines whatever pointwise op produced x (an RMSNorm, say) into the product's
+    loop, and recomputes it, reciprocal square root included, for every one of the output rows:
+    the 262,144-row LM head then ran at half speed. Forcing a fixed stride order is inductor's way to
+    make an input a real buffer; eagerly it is a no-op on a contiguous tensor.
+    """
+    import torch._inductor.inductor_prims  # noqa: F401  registers the op; inductor is loaded when compiling
+
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
+
+
 def rope_inv_freq(head_dim: int, base: float, scale: float = 1.0) -> Tensor:
     # Linear scaling divides the frequencies (as the reference does), not the positions: equal in
     # exact arithmetic, and this order reproduces its fp32 rounding.
@@ -122,13 +135,28 @@ class Attention(nn.Module):
             # share, so K and V are not repeated.
             s = k.shape[2]
             qg = q.reshape(b, self.n_kv_heads, rep * t, self.head_dim)
-            scores = (qg @ k.transpose(-2, -1)).view(b, self.n_heads, t, s) * self.scale
+            # Compiled decode writes the two products as reductions that inductor generates itself: as
+            # library calls they cost ~40 us each for one query over 512 slots, plus a copy of K per
+            # call in bf16, about 3 ms of a 25 ms step. Their inputs get buffers of their own, or inductor
+            # recomputes q's norm and RoPE for every slot, and the softmax for every output element.
+            # Eagerly the broadcasts would be materialized, so only compiled code takes this path.
+            reduce = t == 1 and torch.compiler.is_compiling()
+            if reduce:
+                scores = (materialize(qg.float())[:, :, :, None] * k[:, :, None].float()).sum(-1).to(q.dtype)
+            else:
+                scores = qg @ k.transpose(-2, -1)
+            scores = scores.view(b, self.n_heads, t, s) * self.scale
             if self.softcap is not None:
                 # Gemma 2 caps the scaled scores *before* the mask, so masked entries stay -inf.
                 scores = torch.tanh(scores / self.softcap) * self.softcap
             scores = scores.masked_fill(~mask, float("-inf"))
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = (probs.view(b, self.n_kv_heads, rep * t, s) @ v).view(b, self.n_heads, t, self.head_dim)
+            probs = probs.view(b, self.n_kv_heads, rep * t, s)
+            if reduce:
+                out = (materialize(probs.float())[..., None] * v[:, :, None].float()).sum(-2).to(q.dtype)
+            else:
+                out = probs @ v
+            out = out.view(b, self.n_heads, t, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 

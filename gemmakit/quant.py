@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gemmakit.model import materialize
+
 MODES = ("int8", "int4")
 DECODE_ROWS = 16  # at most this many input rows use the fused decode path (batch 8 decode included)
 BLOCK_ELEMENTS = 1 << 23  # weights (de)quantized at a time outside the fused path (32 MiB in fp32)
@@ -79,11 +81,10 @@ class DenseLinear(nn.Module):
 def dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
     """x @ weight.T: compiled with few rows, a multiply-sum per row accumulated in fp32; else BLAS.
 
-    One fp32 row is the exception: BLAS's fp32 matrix-vector product already streams the weights at
-    the memory bandwidth (measured faster than the fused loop), while its few-row fp32 products and
-    its bf16 products do not.
+    Even for one fp32 row: on the benchmark's 2-core AVX-512 machine BLAS's fp32 matrix-vector product
+    read the 262,144-row LM head at 11 GB/s, the fused loop at 27 GB/s.
     """
-    if _fuse(x) and not (weight.dtype == torch.float32 and x.numel() == x.shape[-1]):
+    if _fuse(x):
         w = weight.float()
         return _per_row(x, lambda row: (w * row).sum(-1))
     return F.linear(x, weight)
@@ -97,22 +98,9 @@ def _per_row(x: Tensor, product: Callable[[Tensor], Tensor]) -> Tensor:
     as one [out, rows, in] broadcast instead, it may vectorize across the rows and read the weights as
     scalars (batch 8 then runs 40x slower than batch 1).
     """
-    x2 = _materialize(x.reshape(-1, x.shape[-1]).float())
+    x2 = materialize(x.reshape(-1, x.shape[-1]).float())
     out = torch.stack([product(x2[r]) for r in range(x2.shape[0])])
     return out.reshape(*x.shape[:-1], -1).to(x.dtype)
-
-
-def _materialize(x: Tensor) -> Tensor:
-    """x stored to a buffer of its own before the products read it (compiled code only).
-
-    inductor otherwise inlines whatever pointwise op produced x (an RMSNorm, say) into the product's
-    loop, and recomputes it, reciprocal square root included, for every one of the output rows:
-    the 262,144-row LM head then ran at half speed. Forcing a fixed stride order is inductor's way to
-    make an input a real buffer; eagerly it is a no-op on a contiguous tensor.
-    """
-    import torch._inductor.inductor_prims  # noqa: F401  registers the op; inductor is loaded when compiling
-
-    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
 
 
 # -- int8 -------------------------------------------------------------------------------------------
