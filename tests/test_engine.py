@@ -159,6 +159,10 @@ def test_compiled_decode_follows_a_model_changed_in_place(name):
 
     model = tiny(name)
     assert run(model, PROMPTS, 6, compile=True) == run(model, PROMPTS, 6)
+    other = tiny(name)  # same layout, so the same graph, but other weights: it must read its own
+    with torch.no_grad():
+        other.model.embed_tokens.weight.copy_(other.model.embed_tokens.weight.roll(1, dims=0))
+    assert run(other, PROMPTS, 6, compile=True) == run(other, PROMPTS, 6) != run(model, PROMPTS, 6)
     quantize(model, "int8")
     assert run(model, PROMPTS, 6, compile=True) == run(model, PROMPTS, 6)
     model = tiny(name).to(torch.bfloat16)
