@@ -18,6 +18,7 @@ int4: asymmetric per group of `group` inputs, w = q * scale + low, q in [0, 15];
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from gemmakit.model import materialize
 
 MODES = ("int8", "int4")
+TILE = 32  # rows per tile of a 16-bit packed LM head: two AVX-512 registers of fp32 running sums
 DECODE_ROWS = 16  # at most this many input rows use the fused decode path (batch 8 decode included)
 BLOCK_ELEMENTS = 1 << 23  # weights (de)quantized at a time outside the fused path (32 MiB in fp32)
 
@@ -37,10 +39,10 @@ def _fuse(x: Tensor) -> bool:
     return torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= DECODE_ROWS
 
 
-def _blocked(x: Tensor, out_features: int, rows: Callable[[int, int], Tensor]) -> Tensor:
+def _blocked(x: Tensor, out_features: int, rows: Callable[[int, int], Tensor], multiple: int = 1) -> Tensor:
     """x @ W.T with W dequantized `rows(start, end)` a block at a time: the full float copy of a big
-    matrix (the 262,144-row LM head) never exists at once."""
-    blocks = _row_blocks(out_features, x.shape[-1])
+    matrix (the 262,144-row LM head) never exists at once. Blocks start at multiples of `multiple`."""
+    blocks = _row_blocks(out_features, x.shape[-1], multiple)
     if len(blocks) == 1:
         return F.linear(x, rows(0, out_features))
     # Every block's product goes into one output allocated up front. A small result allocated after
@@ -53,13 +55,13 @@ def _blocked(x: Tensor, out_features: int, rows: Callable[[int, int], Tensor]) -
     return out.view(*x.shape[:-1], out_features)
 
 
-def _row_blocks(out_features: int, in_features: int) -> list[tuple[int, int]]:
+def _row_blocks(out_features: int, in_features: int, multiple: int = 1) -> list[tuple[int, int]]:
     """(start, end) row ranges of about BLOCK_ELEMENTS weights, for work done a block at a time.
 
     Quantizing uses them too: whole-matrix fp32 temporaries of the 262,144-row embedding are 640 MiB
     each, a few at once, and loading an int8 model peaked at 2.9 GiB instead of 1.9.
     """
-    block = max(1, BLOCK_ELEMENTS // in_features)
+    block = max(1, BLOCK_ELEMENTS // in_features // multiple) * multiple
     return [(i, min(i + block, out_features)) for i in range(0, out_features, block)]
 
 
@@ -211,11 +213,75 @@ class Int4Linear(nn.Module):
 
 # -- tied embedding / LM head --------------------------------------------------------------------------
 
-class DenseEmbedding(nn.Embedding):
-    """nn.Embedding whose LM-head product takes the fused decode path."""
+class PackedEmbedding(nn.Module):
+    """The tied embedding / LM head laid out for the compiled decode step (`fuse_decode` swaps it in).
+
+    The table [vocab, d_model] is stored as tiles [vocab / tile, d_model, tile]: each tile holds `tile`
+    consecutive rows side by side, element by element. The decode product then runs through a tile in
+    one contiguous pass with `tile` running sums in vector registers, instead of one short row at a time
+    with a horizontal sum per row. On the benchmark's 2-core AVX-512 machine this read the 262,144-row
+    head about 20% faster (at 50 GB/s: 45-50 GB/s against 39-40), and it is 62% of a Gemma 3 270M
+    step's bytes. The same values, no second copy; `state_dict()` gives (and loads) the checkpoint's
+    [vocab, d_model] `weight`, so saving a packed model writes the usual checkpoint.
+
+    An fp32 table keeps its rows (tile 1, [vocab, d_model, 1] is the table itself): with rows twice as
+    long, the row-at-a-time loop was the faster one there (side by side: 30.5-34 against 28-31 tokens/s).
+    """
+
+    def __init__(self, table: Tensor, tile: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = table.shape
+        if tile is None:
+            tile = 1 if table.dtype == torch.float32 else TILE
+        self.tile = math.gcd(self.num_embeddings, tile)  # 32 for every Gemma vocabulary
+        self.weight = nn.Parameter(pack_rows(table.detach(), self.tile), requires_grad=table.requires_grad)
+
+    def unpacked(self) -> Tensor:
+        """The table as [vocab, d_model] (a copy)."""
+        return unpack_rows(self.weight)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.weight[tokens // self.tile, :, tokens % self.tile]
 
     def attend(self, h: Tensor) -> Tensor:
-        return dense_matmul(h, self.weight)
+        """Logits h @ E^T [..., vocab]."""
+        if _fuse(h):
+            w = self.weight.float()
+            return _per_row(h, lambda row: (w * row[:, None]).sum(1).flatten())
+        if self.tile == 1:
+            return F.linear(h, self.weight[..., 0])
+        x = h.reshape(-1, h.shape[-1])
+        if x.shape[0] <= DECODE_ROWS:  # a prefill's last positions: one small product per tile
+            # bmm over the tiles with x broadcast (stride 0). torch.matmul(x, packed) would fold the
+            # batch into one matrix product and copy the whole table into that layout first.
+            tiles = self.weight.shape[0]
+            out = torch.bmm(x.expand(tiles, *x.shape), self.weight)
+            out = out.transpose(0, 1).reshape(x.shape[0], self.num_embeddings)
+        else:  # many rows (perplexity): BLAS on tiles unpacked a block at a time
+            out = _blocked(x, self.num_embeddings, self._rows, multiple=self.tile)
+        return out.view(*h.shape[:-1], self.num_embeddings)
+
+    def _rows(self, start: int, end: int) -> Tensor:
+        return unpack_rows(self.weight[start // self.tile:end // self.tile])
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        table = self.unpacked()
+        destination[prefix + "weight"] = table if keep_vars else table.detach()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].dim() == 2:  # load_state_dict passes its own copy of the dict
+            state_dict[key] = pack_rows(state_dict[key], self.tile)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def pack_rows(table: Tensor, tile: int) -> Tensor:
+    """[rows, cols] -> [rows / tile, cols, tile]: element j of row t*tile + k at [t, j, k]."""
+    return table.view(-1, tile, table.shape[1]).transpose(1, 2).contiguous()
+
+
+def unpack_rows(packed: Tensor) -> Tensor:
+    return packed.transpose(1, 2).reshape(-1, packed.shape[1])
 
 
 class QuantEmbedding(nn.Module):
@@ -251,12 +317,19 @@ def quantize(model: nn.Module, mode: str, group: int = 32) -> nn.Module:
 
 
 def fuse_decode(model: nn.Module) -> nn.Module:
-    """Give an unquantized model the fused decode path (same weights, shared; no-op if already swapped)."""
+    """Give an unquantized model the fused decode path in place (no-op if already swapped): the Linear
+    layers share their weights; the tied embedding is re-laid out as tiles (`PackedEmbedding`)."""
     return _swap(model, None, 0)
 
 
 def _swap(model: nn.Module, mode: str | None, group: int) -> nn.Module:
     """Swap the decoder's Linear layers (not a vision tower's) and its tied embedding."""
+    # generate() swaps under inference mode, whose tensors could never be trained afterwards.
+    with torch.inference_mode(False), torch.no_grad():
+        return _swap_modules(model, mode, group)
+
+
+def _swap_modules(model: nn.Module, mode: str | None, group: int) -> nn.Module:
     def convert(linear: nn.Linear | DenseLinear) -> nn.Module:
         if mode is None:
             return linear if isinstance(linear, DenseLinear) else DenseLinear(linear)
@@ -268,19 +341,21 @@ def _swap(model: nn.Module, mode: str | None, group: int) -> nn.Module:
             if isinstance(child, (nn.Linear, DenseLinear)):
                 setattr(parent, name, convert(child))
     emb = body.embed_tokens
+    packed = False
     if mode is None and type(emb) is nn.Embedding:
-        dense = DenseEmbedding(emb.num_embeddings, emb.embedding_dim, device="meta")
-        dense.weight = emb.weight  # shared, and the state-dict key stays model.embed_tokens.weight
-        body.embed_tokens = dense
-    elif mode is not None and isinstance(emb, nn.Embedding):
+        body.embed_tokens = PackedEmbedding(emb.weight)
+        packed = body.embed_tokens.tile > 1  # tile 1 is the table itself, not a copy
+    elif mode is not None and isinstance(emb, (nn.Embedding, PackedEmbedding)):
         as_linear = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
-        as_linear.weight = emb.weight  # shares storage: no copy of the table
+        # An nn.Embedding's table is shared (no copy); a packed one is unpacked first.
+        as_linear.weight = emb.weight if isinstance(emb, nn.Embedding) else nn.Parameter(emb.unpacked())
         body.embed_tokens = QuantEmbedding(convert(as_linear))
-    if mode is not None:
-        # The float tensors left (norms) may be views into a memory-mapped checkpoint; as long as one
-        # is alive the whole mapping stays, and every page that quantizing read stays resident. Copy
-        # them (a few KiB) so the float weights really go away.
-        for p in model.model.parameters():
+    if mode is not None or packed:
+        # The float tensors left (norms; after packing, the Linear weights too) may be views into a
+        # memory-mapped checkpoint. As long as one is alive the whole mapping stays, and every page that
+        # quantizing or packing read stays resident: an fp32 model kept its old 640 MiB table besides
+        # the packed one. Copied one at a time (same Parameter objects), the mapping goes.
+        for p in model.parameters():
             p.data = p.data.clone()
     return model
 

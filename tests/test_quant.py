@@ -118,23 +118,84 @@ def test_unknown_mode_is_an_error():
         quantize(tiny(), "int3")
 
 
-def test_fuse_decode_shares_weights_and_keeps_the_checkpoint_keys():
-    from gemmakit.quant import DenseEmbedding, DenseLinear, fuse_decode
+@pytest.mark.parametrize("dtype, tile", [(torch.bfloat16, 32), (torch.float32, 1)])
+def test_fuse_decode_keeps_the_checkpoint_and_the_outputs(dtype, tile):
+    from gemmakit.quant import DenseLinear, PackedEmbedding, fuse_decode
 
-    model = tiny()
-    keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    model = tiny().to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    linears = {n: p for n, p in model.named_parameters() if "proj" in n}
     tokens = torch.tensor([[1, 2, 3, 4]])
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
     with torch.no_grad():
-        ref = model(tokens)
+        ref, ref_embed = model(tokens), model.embed(tokens)
         fuse_decode(model)
         fuse_decode(model)  # idempotent
-        torch.testing.assert_close(model(tokens), ref, rtol=0, atol=0)  # eager: the same BLAS calls
-    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys  # no copies, same names
-    assert isinstance(model.model.embed_tokens, DenseEmbedding)
+        assert model.model.embed_tokens.tile == tile  # fp32 keeps its rows
+        torch.testing.assert_close(model.embed(tokens), ref_embed, rtol=0, atol=0)
+        torch.testing.assert_close(model(tokens), ref, **tol)  # the head's products now run per tile
+    after = model.state_dict()
+    assert after.keys() == before.keys()  # the checkpoint's names and shapes and values
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    assert all(p is linears[n] for n, p in model.named_parameters() if "proj" in n)  # the same Parameters
+    assert isinstance(model.model.embed_tokens, PackedEmbedding)
     assert isinstance(model.model.layers[0].mlp.up_proj, DenseLinear)
-    quantize(model, "int8")  # quantizing after fusing still converts every matrix
+
+    fresh = tiny().to(dtype)
+    fuse_decode(fresh)
+    fresh.load_state_dict(before)  # loads the checkpoint's [vocab, d_model] into the packed table
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(tokens), model(tokens), rtol=0, atol=0)
+
+    quantize(model, "int8")  # quantizing after fusing still converts every matrix, from the right table
     assert isinstance(model.model.layers[0].mlp.up_proj, Int8Linear)
     assert isinstance(model.model.embed_tokens, QuantEmbedding)
+    unfused = quantize(tiny().to(dtype), "int8")
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), unfused(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("vocab, dtype, tile", [(128, torch.bfloat16, 32), (100, torch.bfloat16, 4),
+                                                (128, torch.float32, 1)])  # 4 = gcd(100, 32)
+@pytest.mark.parametrize("rows", [1, 3, 40])  # eager per-tile product (few rows) and BLAS on unpacked blocks
+def test_packed_embedding_equals_the_table(vocab, dtype, tile, rows, monkeypatch):
+    from gemmakit.quant import PackedEmbedding
+
+    monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 24 * 16)  # blocks of 24 rows: several, tile-aligned
+    table = torch.randn(vocab, 16).to(dtype)
+    emb = PackedEmbedding(table)
+    assert emb.weight.shape == (vocab // tile, 16, tile)
+    tokens = torch.randint(0, vocab, (2, 5))
+    torch.testing.assert_close(emb(tokens), table[tokens], rtol=0, atol=0)
+    torch.testing.assert_close(emb.unpacked(), table, rtol=0, atol=0)
+    h = torch.randn(rows, 16).to(dtype)
+    want = h.float() @ table.float().T
+    tol = dict(rtol=2e-2, atol=5e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(emb.attend(h).float(), want, **tol)
+    if rows <= quant.DECODE_ROWS:  # the fused decode product
+        compiled = torch.compile(emb.attend, dynamic=False, fullgraph=True)
+        torch.testing.assert_close(compiled(h).float(), want, **tol)
+
+
+@pytest.mark.slow
+def test_a_model_after_compiled_decoding_still_trains_and_saves():
+    # compile=True packs the tied embedding in place (fuse_decode), under generate's inference mode:
+    # the model must stay an ordinary trainable model that saves its checkpoint.
+    from gemmakit.engine import generate
+
+    model = tiny().to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    list(generate(model, [[1, 5, 9]], 3, compile=True))
+    assert model.model.embed_tokens.tile == 32
+    assert not any(p.is_inference() for p in model.parameters())
+    after = model.state_dict()
+    assert all(after[k].shape == v.shape and torch.equal(after[k], v) for k, v in before.items())
+    tokens = torch.tensor([[1, 5, 9, 2, 7]])
+    loss = torch.nn.functional.cross_entropy(model(tokens)[0, :-1].float(), tokens[0, 1:])
+    loss.backward()
+    grad = model.model.embed_tokens.weight.grad
+    assert grad is not None and grad.shape == model.model.embed_tokens.weight.shape and grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear, None])
