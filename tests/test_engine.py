@@ -135,6 +135,21 @@ def test_compiled_decode_equals_eager():
     assert run(q, PROMPTS, 8, compile=True) == run(q, PROMPTS, 8)
 
 
+def test_model_layout_changes_with_what_a_compiled_step_specializes_on():
+    from gemmakit.engine import model_layout
+    from gemmakit.quant import quantize
+
+    a, b = tiny(), tiny()
+    assert model_layout(a) == model_layout(b)  # same config, modules and weight layouts: one graph serves both
+    assert model_layout(tiny("gemma2-2b")) != model_layout(a)
+    layout = model_layout(b)
+    b.to(torch.bfloat16)
+    assert model_layout(b) != layout
+    layout = model_layout(b)
+    quantize(b, "int8")
+    assert model_layout(b) != layout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma3-270m", "gemma2-2b"])
 def test_compiled_decode_follows_a_model_changed_in_place(name):
