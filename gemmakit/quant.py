@@ -252,11 +252,7 @@ class PackedEmbedding(nn.Module):
             return F.linear(h, self.weight[..., 0])
         x = h.reshape(-1, h.shape[-1])
         if x.shape[0] <= DECODE_ROWS:  # a prefill's last positions: one small product per tile
-            # bmm over the tiles with x broadcast (stride 0). torch.matmul(x, packed) would fold the
-            # batch into one matrix product and copy the whole table into that layout first.
-            tiles = self.weight.shape[0]
-            out = torch.bmm(x.expand(tiles, *x.shape), self.weight)
-            out = out.transpose(0, 1).reshape(x.shape[0], self.num_embeddings)
+            out = torch.matmul(x, self.weight).transpose(0, 1).reshape(x.shape[0], self.num_embeddings)
         else:  # many rows (perplexity): BLAS on tiles unpacked a block at a time
             out = _blocked(x, self.num_embeddings, self._rows, multiple=self.tile)
         return out.view(*h.shape[:-1], self.num_embeddings)
