@@ -267,8 +267,11 @@ class PackedEmbedding(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         key = prefix + "weight"
-        if key in state_dict and state_dict[key].dim() == 2:  # load_state_dict passes its own copy of the dict
-            state_dict[key] = pack_rows(state_dict[key], self.tile)
+        table = state_dict.get(key)
+        # Only a table of this module's shape is packed; any other is left for nn.Module's size-mismatch
+        # error, which names the key and both shapes. (load_state_dict passes its own copy of the dict.)
+        if table is not None and table.shape == (self.num_embeddings, self.embedding_dim):
+            state_dict[key] = pack_rows(table, self.tile)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 

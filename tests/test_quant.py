@@ -147,6 +147,9 @@ def test_fuse_decode_keeps_the_checkpoint_and_the_outputs(dtype, tile):
     fresh.load_state_dict(before)  # loads the checkpoint's [vocab, d_model] into the packed table
     with torch.no_grad():
         torch.testing.assert_close(fresh(tokens), model(tokens), rtol=0, atol=0)
+    wrong = dict(before, **{"model.embed_tokens.weight": before["model.embed_tokens.weight"][:100]})
+    with pytest.raises(RuntimeError, match=r"size mismatch for model\.embed_tokens\.weight.*\[100, 64\]"):
+        fresh.load_state_dict(wrong)
 
     quantize(model, "int8")  # quantizing after fusing still converts every matrix, from the right table
     assert isinstance(model.model.layers[0].mlp.up_proj, Int8Linear)
