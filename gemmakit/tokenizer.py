@@ -9,12 +9,18 @@ Matching the reference (transformers) takes two adjustments to the SentencePiece
   so the encoding model marks control pieces user-defined (decoding still skips them);
 - llama.cpp stores whitespace-run pieces with real spaces ("  "); SentencePiece matches its escaped
   form, so they are spelled with U+2581 again.
+
+Text that a user typed or that arrived as message content is encoded with `parse_special=False`:
+then no text can yield a PROTECTED id (a forged `<end_of_turn>`, a fake `<start_of_image>`); only the
+chat template places those (see `chat_segments`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,26 @@ from gemmakit.gguf import GGUFVocab
 SPACE = "\u2581"  # SentencePiece's escaped space
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 IMAGE_TOKEN = "<start_of_image>"  # what an image part of a chat message renders as (expanded by vision code)
+# Pieces that plain text (parse_special=False) never yields, whatever their type in the vocabulary: the
+# GGUF and tokenizer.model vocabularies make <start_of_image>/<end_of_image> USER_DEFINED, which
+# SentencePiece matches inside ordinary text. Control pieces (and special added tokens) are never matched.
+PROTECTED = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>",
+             "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+
+
+def check_utf8(text: str, what: str = "text") -> str:
+    """`text` unchanged, or ValueError "{what} is not valid UTF-8 (byte N)".
+
+    Python turns invalid UTF-8 bytes in argv and stdin into lone surrogates (surrogateescape); N is
+    the offset of the first such byte in the original bytes. Lone surrogates from elsewhere (JSON
+    "\\ud800") are refused the same way.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        offset = len(text[:e.start].encode("utf-8"))  # the prefix before the first bad character is valid
+        raise ValueError(f"{what} is not valid UTF-8 (byte {offset})") from None
+    return text
 
 
 def _spm():
@@ -61,7 +87,7 @@ class Tokenizer:
     def __init__(self, proto: Any | None = None, tokenizer_json: str | os.PathLike | None = None,
                  add_bos: bool = True) -> None:
         self.add_bos_default = add_bos
-        self._sp = self._hf = None
+        self._sp = self._hf = self._plain = None
         if proto is not None:
             sentencepiece, pb = _spm()
             self.proto = proto
@@ -78,11 +104,19 @@ class Tokenizer:
 
             self.proto = None
             self._hf = HFTokenizer.from_file(str(tokenizer_json))
+            self._lock = threading.Lock()
             vocab = self._hf.get_vocab(with_added_tokens=True)
             self.pieces = [""] * (max(vocab.values()) + 1)
             for piece, i in vocab.items():
                 self.pieces[i] = piece
-            self.special = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
+            added = self._hf.get_added_tokens_decoder()
+            self.special = {i for i, t in added.items() if t.special}
+            # encode_special_tokens (parse_special=False) leaves only *special* added tokens to the model as
+            # text; transformers adds <start_of_image>/<end_of_image> as non-special ones: mark them special
+            # (that changes nothing else: decode does not use the flag, and parsing matches them either way).
+            self._unmarked = [t for t in added.values() if t.content in PROTECTED and not t.special]
+            self._hf.add_special_tokens(self._marked())
+            self._protected_ids = {i for i, t in added.items() if t.content in PROTECTED}
         else:
             raise ValueError("Tokenizer needs a SentencePiece proto or a tokenizer.json")
         self._ids = {p: i for i, p in enumerate(self.pieces)}
@@ -115,19 +149,36 @@ class Tokenizer:
             return cls(tokenizer_json=tj, add_bos=add_bos)
         raise FileNotFoundError(f"{path} has no tokenizer.model or tokenizer.json")
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.model + tokenizer_config.json into an (existing) HF directory."""
-        if self.proto is None:
-            raise ValueError("only a SentencePiece tokenizer can be saved as tokenizer.model")
+    def save(self, path: str | os.PathLike, generation: int | None = None) -> None:
+        """Write the tokenizer into an existing HF directory: tokenizer.model (SentencePiece) or
+        tokenizer.json (a `tokenizers`-backed tokenizer), tokenizer_config.json, special_tokens_map.json.
+
+        With the model's `generation`, tokenizer_config.json also carries Google's chat template for it
+        (the one `render_chat` follows) and generation_config.json the ids Google's checkpoints list
+        (bos, pad, and every stop id as eos), so transformers, vLLM and llama.cpp's converter format
+        and stop chats as gemmakit does.
+        """
         path = Path(path)
-        (path / "tokenizer.model").write_bytes(self.proto.SerializeToString())
+        if self._sp is not None:
+            (path / "tokenizer.model").write_bytes(self.proto.SerializeToString())
+        else:
+            with self._lock:  # save the file as it was read: unmark what __init__ marked special
+                self._hf.add_tokens(self._unmarked)
+                try:
+                    self._hf.save(str(path / "tokenizer.json"))
+                finally:
+                    self._hf.add_special_tokens(self._marked())
         special = {k: self.pieces[i] for k, i in
                    (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id),
                     ("unk_token", self._ids.get("<unk>", 3)))}
         config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": self.add_bos_default,
                   "add_eos_token": False, **special}
-        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+        if generation is not None:
+            config["chat_template"] = chat_template(generation)
+            gen = {"bos_token_id": self.bos_id, "eos_token_id": list(self.stop_ids), "pad_token_id": self.pad_id}
+            (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 
     # -- ids --
 
@@ -147,14 +198,54 @@ class Tokenizer:
 
     # -- text --
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`; literal control-token text (e.g. "<start_of_turn>") becomes that token."""
-        if self._sp is not None:
-            ids = self._sp.encode(text)
+    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`, with `<bos>` first if `add_bos` (default: the tokenizer's setting).
+
+        parse_special=True (a raw prompt): literal control-token text (e.g. "<start_of_turn>") becomes
+        that token, as in transformers. parse_special=False (what a user typed, message content): the
+        text is plain text and never yields a PROTECTED id. Raises ValueError for text that is not
+        valid UTF-8 (lone surrogates), see `check_utf8`.
+        """
+        check_utf8(text)
+        if self._sp is None:
+            ids = self._hf_encode(text, parse_special)
         else:
-            ids = self._hf.encode(text, add_special_tokens=False).ids
+            ids = (self._sp if parse_special else self._plain_encoder()).encode(text)
         if self.add_bos_default if add_bos is None else add_bos:
             ids = [self.bos_id, *ids]
+        return ids
+
+    def _plain_encoder(self) -> Any:
+        """The SentencePiece processor for parse_special=False, built on first use (a second copy of the
+        vocabulary, ~0.3 s for Gemma 3's): the protected pieces become control pieces, never matched in text."""
+        if self._plain is None:
+            sentencepiece, pb = _spm()
+            plain = pb.ModelProto()
+            plain.CopyFrom(self.proto)
+            for p in plain.pieces:
+                if p.piece in PROTECTED and p.type != UNKNOWN:
+                    p.type = CONTROL
+            self._plain = sentencepiece.SentencePieceProcessor(model_proto=plain.SerializeToString())
+        return self._plain
+
+    def _marked(self) -> list[Any]:
+        from tokenizers import AddedToken
+
+        return [AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
+                           normalized=t.normalized, special=True) for t in self._unmarked]
+
+    def _hf_encode(self, text: str, parse_special: bool) -> list[int]:
+        # `tokenizers` has no per-call switch, only the encode_special_tokens attribute: set it under a lock
+        # so that concurrent calls (the server's threads) never see each other's setting.
+        with self._lock:
+            self._hf.encode_special_tokens = not parse_special
+            try:
+                ids = self._hf.encode(text, add_special_tokens=False).ids
+            finally:
+                self._hf.encode_special_tokens = False
+        if not parse_special and (forged := self._protected_ids.intersection(ids)):
+            # Only BPE merges could assemble a protected piece from text; Gemma's tokenizer.json has none.
+            raise ValueError(f"tokenizer.json's merges turn plain text into {self.pieces[min(forged)]}")
         return ids
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
@@ -194,56 +285,116 @@ class StreamDecoder:
 
 
 # -- chat template ---------------------------------------------------------------------------------
+#
+# Google's templates (gemmakit/chat_templates/, verbatim copies of the `chat_template` of the
+# google/gemma-3-*-it and gemma-2-*-it tokenizer configs) written out as Python, piece by piece, so
+# that what the template writes (`Special` control tokens, role names, newlines) and what the messages
+# hold (plain text, never parsed for control tokens) stay apart until tokenization.
 
-def _content_text(content: str | list[dict[str, Any]]) -> str:
-    """A message's content: a string, or a list of parts {"type": "text", "text": ...} / {"type": "image"}."""
+class Special(str):
+    """A control token placed by the template (tokenized as its id); plain `str` segments are text."""
+
+
+def chat_template(generation: int) -> str:
+    """Google's Jinja chat template for instruction-tuned models of `generation` (as in their tokenizer_config.json)."""
+    name = "gemma3.jinja" if generation >= 3 else "gemma.jinja"
+    return resources.files("gemmakit").joinpath("chat_templates", name).read_text(encoding="utf-8")
+
+
+def _content(content: Any, generation: int, where: str) -> list[str]:
+    """A message's content as segments: a string (trimmed), or a list of parts {"type": "text", "text": ...}
+    (each trimmed on its own, as Google's Gemma 3 template does) and {"type": "image"} (`<start_of_image>`)."""
     if isinstance(content, str):
-        return content
-    out = []
+        return [content.strip()]
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: content must be a string or a list of parts, not {type(content).__name__}")
+    out: list[str] = []
     for part in content:
-        if part.get("type") == "text":
-            out.append(part["text"])
-        elif part.get("type") == "image":
-            out.append(IMAGE_TOKEN)
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}: a text part needs a string \"text\"")
+            out.append(part["text"] if generation < 3 else part["text"].strip())
+        elif kind == "image":
+            if generation < 3:
+                raise ValueError(f"{where}: Gemma {generation} takes no images")
+            out.append(Special(IMAGE_TOKEN))
         else:
-            raise ValueError(f"unknown message part type {part.get('type')!r}")
-    return "".join(out)
+            raise ValueError(f"{where}: unknown message part type {kind!r} (use text or image)")
+    # Gemma 1/2's template knows only string content: text parts are joined and trimmed as one string.
+    return ["".join(out).strip()] if generation < 3 else out
 
 
-def render_chat(messages: list[dict[str, Any]], generation: int, add_generation_prompt: bool = True) -> str:
-    """The Gemma turn format as text, starting with `<bos>` (encode it with add_bos=False).
+def chat_segments(messages: list[dict[str, Any]], generation: int, add_generation_prompt: bool = True) -> list[str]:
+    """The Gemma turn format as segments: `Special` control tokens and plain text (message content).
 
-    Roles: "user" and "model" ("assistant" is accepted for "model"), alternating, starting with user.
-    Gemma 3 accepts a leading "system" message and puts its text plus a blank line at the start of
-    the first user turn; Gemma 1 and 2 have no system role.
+    Roles: "user" and "model" ("assistant" is written "model"), alternating, starting with user.
+    Gemma 3 accepts a leading "system" message and puts its text (not trimmed; of a list, the first
+    part's text) plus a blank line at the start of the first user turn; Gemma 1 and 2 have no system
+    role. Text is trimmed as Google's templates trim it. Raises ValueError naming the bad message.
     """
     messages = list(messages)
-    prefix = ""
-    if messages and messages[0].get("role") == "system":
+    prefix: list[str] = []
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
         if generation < 3:
             raise ValueError(f"Gemma {generation} has no system role; put the instructions in the first user turn")
-        prefix = _content_text(messages.pop(0)["content"]) + "\n\n"
+        system = messages.pop(0).get("content")
+        if isinstance(system, list) and system and isinstance(system[0], dict) and isinstance(system[0].get("text"), str):
+            system = system[0]["text"]  # the template reads only the first part
+        if not isinstance(system, str):
+            raise ValueError("the system message's content must be a string or start with a text part")
+        prefix = [system + "\n\n"]
     if not messages:
         raise ValueError("a chat needs at least one user message")
-    out = ["<bos>"]
+    out: list[str] = [Special("<bos>")]
     for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ValueError(f"message {i} is not an object with role and content")
         role = {"assistant": "model"}.get(msg.get("role"), msg.get("role"))
         if role not in ("user", "model"):
             raise ValueError(f"unknown chat role {msg.get('role')!r}; use user, model (or system first, Gemma 3)")
         expected = "user" if i % 2 == 0 else "model"
         if role != expected:
             raise ValueError(f"chat turns must alternate user/model starting with user; message {i} is {role}")
-        text = _content_text(msg["content"]).strip()
-        if i == 0:
-            text = prefix + text
-        out.append(f"<start_of_turn>{role}\n{text}<end_of_turn>\n")
+        out += [Special("<start_of_turn>"), f"{role}\n", *(prefix if i == 0 else []),
+                *_content(msg.get("content"), generation, f"message {i}"), Special("<end_of_turn>"), "\n"]
     if add_generation_prompt:
         if len(messages) % 2 == 0:
             raise ValueError("the last message is the model's: nothing to generate a reply to")
-        out.append("<start_of_turn>model\n")
-    return "".join(out)
+        out += [Special("<start_of_turn>"), "model\n"]
+    return out
 
 
-def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], generation: int) -> list[int]:
-    """Chat ids with exactly one `<bos>` (the template writes it; encoding adds none)."""
-    return tokenizer.encode(render_chat(messages, generation), add_bos=False)
+def render_chat(messages: list[dict[str, Any]], generation: int, add_generation_prompt: bool = True) -> str:
+    """The chat as the text Google's template renders, starting with `<bos>` (for display and other
+    tools; to tokenize a chat use `encode_chat`, which keeps message content plain text)."""
+    return "".join(chat_segments(messages, generation, add_generation_prompt))
+
+
+def encode_segments(tokenizer: Tokenizer, segments: list[str | int]) -> list[int]:
+    """Ids of `segments`: each `Special` is its token id, an int is taken as an id (image soft-token
+    placeholders, which may lie outside the vocabulary), and each run of adjacent text is encoded as
+    one plain string (parse_special=False). That equals encoding the joined string when the text
+    holds no control-token text, since control tokens split the text in either case."""
+    ids: list[int] = []
+    text: list[str] = []
+    for s in [*segments, None]:
+        if isinstance(s, str) and not isinstance(s, Special):
+            text.append(s)
+            continue
+        if text:
+            ids += tokenizer.encode("".join(text), add_bos=False, parse_special=False)
+            text = []
+        if isinstance(s, Special):
+            ids.append(tokenizer.token_id(s))
+        elif s is not None:
+            ids.append(int(s))
+    return ids
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], generation: int,
+                add_generation_prompt: bool = True) -> list[int]:
+    """Chat ids with exactly one `<bos>`; message content never becomes a control token (a typed
+    "<end_of_turn>" stays text). An image part is its `<start_of_image>` id (vision.chat_prompt_ids
+    expands images)."""
+    return encode_segments(tokenizer, chat_segments(messages, generation, add_generation_prompt))

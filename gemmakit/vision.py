@@ -11,6 +11,7 @@ No I/O here: images arrive as pixel tensors from gemmakit/image.py.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from torch import Tensor, nn
 
 from gemmakit.config import Config, VisionConfig
 from gemmakit.model import RMSNorm
+
+if TYPE_CHECKING:  # the chat glue at the end uses the tokenizer, which sits above the model in the imports
+    from gemmakit.tokenizer import Tokenizer
 
 BOI_ID, EOI_ID = 255999, 256000  # <start_of_image>, <end_of_image> (Gemma 3 vocabulary)
 
@@ -181,7 +185,7 @@ def expand_image_tokens(ids: list[int], tokens_per_image: int, image_token_id: i
     """Insert the soft-token placeholders after every `<start_of_image>` of a tokenized prompt.
 
     The text side renders each image as "\\n\\n<start_of_image><end_of_image>\\n\\n" (see
-    image.image_text); both markers are special tokens, so tokenizing that and inserting the
+    image_text); both markers are special tokens, so tokenizing that and inserting the
     placeholders here gives exactly the ids of the full 256-placeholder string.
     """
     out: list[int] = []
@@ -201,10 +205,7 @@ IMAGE_TEXT = "\n\n<start_of_image><end_of_image>\n\n"  # one image view, before 
 def image_text(num_crops: int = 0) -> str:
     """The text one image becomes: its view, or with Pan & Scan crops the reference's sentence
     "Here is the original image <image> and here are some crops to help you see better <image> ..."."""
-    if not num_crops:
-        return IMAGE_TEXT
-    return (f"Here is the original image {IMAGE_TEXT} and here are some crops to help you see better "
-            + " ".join([IMAGE_TEXT] * num_crops))
+    return "".join(image_segments(num_crops, 0, 0))  # the placeholders come later (expand_image_tokens)
 
 
 def insert_images(text: str, num_crops: list[int]) -> str:
@@ -220,9 +221,52 @@ def insert_images(text: str, num_crops: list[int]) -> str:
 
 
 def prompt_ids(encode: Callable[[str], list[int]], config: Config, text: str, num_crops: list[int]) -> list[int]:
-    """Token ids of `text` (a raw prompt or a rendered chat) carrying images with `num_crops` crops each:
-    image text in place of the markers (insert_images), tokenized by `encode`, placeholders inserted."""
+    """Token ids of a raw prompt `text` carrying images with `num_crops` crops each: image text in place
+    of the markers (insert_images), tokenized by `encode`, placeholders inserted. A raw prompt is the
+    user's own template, so its control-token text is parsed; chats go through `chat_prompt_ids`."""
     if not num_crops:
         return encode(text)
     v = require_vision(config)
     return expand_image_tokens(encode(insert_images(text, num_crops)), v.tokens_per_image, config.image_token_id)
+
+
+def image_segments(num_crops: int, tokens_per_image: int, image_token_id: int) -> list[str | int]:
+    """`image_text(num_crops)` with its placeholders, as chat segments (see tokenizer.encode_segments):
+    the markers are `Special` tokens, the placeholders ids, the rest plain text."""
+    from gemmakit.tokenizer import Special
+
+    view = ["\n\n", Special(MARKER), *image_token_block(tokens_per_image, image_token_id),
+            Special("<end_of_image>"), "\n\n"]  # IMAGE_TEXT with the placeholders in
+    if not num_crops:
+        return view
+    out = ["Here is the original image ", *view, " and here are some crops to help you see better "]
+    for i in range(num_crops):  # the views joined by " "
+        out += [" "] * (i > 0) + view
+    return out
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, config: Config, messages: list[dict[str, Any]],
+                    num_crops: list[int]) -> list[int]:
+    """Ids of a chat (Google's template for `config.generation`, generation prompt included) whose image
+    parts, in order, are images with `num_crops` crops each.
+
+    Built from the template's segments: message text is tokenized as plain text, so a typed
+    "<end_of_turn>" or "<start_of_image>" stays text; only the template and the image parts place
+    control tokens. Where the text holds no control-token text, the ids equal tokenizing the rendered
+    template with the image text in place as one string (what transformers' Gemma3Processor does).
+    Raises ValueError when the image parts and `num_crops` differ in number, or for images on a
+    text-only model.
+    """
+    from gemmakit.tokenizer import Special, chat_segments, encode_segments
+
+    segments = chat_segments(messages, config.generation)
+    found = sum(isinstance(s, Special) and s == MARKER for s in segments)
+    if found != len(num_crops):
+        raise ValueError(f"the chat has {found} image part(s) for {len(num_crops)} image(s)")
+    if num_crops:
+        v = require_vision(config)
+        crops = iter(num_crops)
+        segments = [p for s in segments for p in (
+            image_segments(next(crops), v.tokens_per_image, config.image_token_id)
+            if isinstance(s, Special) and s == MARKER else [s])]
+    return encode_segments(tokenizer, segments)

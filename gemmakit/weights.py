@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -25,6 +26,9 @@ from tqdm import tqdm
 
 from gemmakit.config import Config, from_hf, to_hf
 from gemmakit.model import Gemma, build
+
+if TYPE_CHECKING:  # only for the type hint: the tokenizer sits above weights in the import order
+    from gemmakit.tokenizer import Tokenizer
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -201,10 +205,17 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def save(model: Gemma, path: str | os.PathLike, dtype: torch.dtype | None = None,
-         max_shard_bytes: int = 5 * 10**9) -> Path:
+         max_shard_bytes: int = 5 * 10**9, tokenizer: Tokenizer | None = None) -> Path:
     """Write config.json and model.safetensors (sharded with an index above `max_shard_bytes`) to the
     directory `path`, which transformers loads with `from_pretrained`. An existing checkpoint directory
-    there is replaced, but only once the new one is complete."""
+    there is replaced, but only once the new one is complete.
+
+    With a `tokenizer`, its files go in too (Tokenizer.save: tokenizer.model or tokenizer.json,
+    tokenizer_config.json with the chat template of the model's generation, special_tokens_map.json,
+    generation_config.json with the stop ids), so the directory loads into every gemmakit command and
+    into transformers. The directory is 0755 and its files 0644, not mkdtemp's private 0700/0600.
+    Raises FileExistsError when `path` is a file or a non-empty directory that is not a checkpoint.
+    """
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory")
@@ -231,6 +242,12 @@ def save(model: Gemma, path: str | os.PathLike, dtype: torch.dtype | None = None
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(tmp, generation=model.config.generation)
+        # mkdtemp makes a private 0700 directory; a model directory is an ordinary, shareable one.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

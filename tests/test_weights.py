@@ -241,3 +241,96 @@ def test_save_refuses_meta_model(tmp_path):
     with pytest.raises(ValueError, match="meta device"):
         weights.save(build(tiny_config(1), "meta"), tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+# -- the tokenizer, chat template and stop ids travel with every saved directory; ordinary permissions ---
+
+def _tokenizer(generation):
+    from gguf_files import tiny_vocab
+
+    from chat_vocab import gemma3_vocab
+    from gemmakit.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf_vocab(gemma3_vocab() if generation == 3 else tiny_vocab(400, turn_ids=(106, 107)))
+
+
+def test_saved_directory_is_0755_and_files_0644(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o077)  # a private umask must not make a shared model private (convert's rule too)
+    try:
+        out = weights.save(random_model(tiny_config(1)), tmp_path / "c", max_shard_bytes=40_000)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()} == \
+        {p.name: "0o644" for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("generation", [1, 2, 3])
+def test_save_with_tokenizer_writes_template_and_stop_ids(generation, tmp_path):
+    """tokenizer files, Google's chat template and generation_config.json: transformers formats and stops
+    chats as gemmakit does, and gemmakit's own loader finds the tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    from importlib import resources
+
+    from gemmakit.hub import load
+    from gemmakit.tokenizer import render_chat
+
+    tok = _tokenizer(generation)
+    model = random_model(tiny_config(generation).replace(vocab_size=400))
+    out = weights.save(model, tmp_path / "c", tokenizer=tok)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "special_tokens_map.json", "tokenizer.model",
+                                                     "tokenizer_config.json"]
+    template = resources.files("gemmakit").joinpath("chat_templates",
+                                                    "gemma3.jinja" if generation == 3 else "gemma.jinja")
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template.read_text()
+    stops = [1, 106] if generation == 3 else [1, 107]
+    assert json.loads((out / "generation_config.json").read_text()) == \
+        {"bos_token_id": 2, "eos_token_id": stops, "pad_token_id": 0}
+    assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == stops
+    chat = [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "the"}]
+    ref = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == render_chat(chat, generation)
+    loaded, again = load(str(out))
+    assert_same_weights(loaded, model)
+    assert again.encode("the <start_of_turn>") == tok.encode("the <start_of_turn>")
+
+
+def test_failed_tokenizer_write_leaves_nothing_half_written(tmp_path, monkeypatch):
+    from gemmakit.tokenizer import Tokenizer
+
+    target = weights.save(random_model(tiny_config(1), seed=1), tmp_path / "c")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def failing_save(self, path, generation=None):
+        (path / "tokenizer.model").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Tokenizer, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        weights.save(random_model(tiny_config(1), seed=2), target, tokenizer=_tokenizer(1))
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_convert_writes_template_stop_ids_and_permissions(tmp_path):
+    import stat
+
+    from chat_vocab import gemma3_vocab
+    from gguf_files import write_gguf
+    from gemmakit.hub import convert
+    from gemmakit.tokenizer import chat_template
+
+    model = random_model(tiny_config(3).replace(vocab_size=400), seed=4)
+    meta = {"gemma3.attention.scale": 24.0 ** -0.5, "gemma3.attention.sliding_window_pattern": 3}
+    gguf = write_gguf(tmp_path / "tiny.gguf", model, gemma3_vocab(), extra_meta=meta)
+    out = convert(gguf, tmp_path / "converted", progress=False)
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == chat_template(3)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 106]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in out.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "tiny.gguf"]
