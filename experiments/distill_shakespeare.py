@@ -92,7 +92,7 @@ def main() -> None:
     t0 = time.time()
     teacher, tok = hub.load(None)
     teacher.requires_grad_(False)
-    meta = D.prepare([texts], lambda t: tok.encode(t, add_bos=False), out / "data", len(tok), "default",
+    meta = D.prepare([texts], lambda t: tok.encode(t, add_bos=False, parse_special=False), out / "data", len(tok), "default",
                      bos=tok.bos_id, eos=tok.eos_id, val_files=[args.val_play])
     results["data"] = {k: meta[k] for k in ("documents", "tokens", "val_documents")}
     print("data", results["data"], flush=True)
@@ -126,7 +126,7 @@ def main() -> None:
         init_loss = evaluate(model, val_data(), max_batches=eval_batches)
         t = time.time()
         res = train(model, D.PackedData(out / "data", "train", args.seq_len, args.batch_size, seed=args.seed),
-                    cfg, out / name, loss_fn=loss_fn, val=val_data())
+                    cfg, out / name, loss_fn=loss_fn, val=val_data(), overwrite=True)  # each run of the script starts over
         curve = [(0, init_loss)] + [(r["step"] * args.batch_size * args.seq_len, r["val_loss"])
                                     for r in res["log"] if "val_loss" in r]
         results["runs"][name] = {"val_loss": curve[-1][1], "val_ppl": math.exp(curve[-1][1]), "curve": curve,

@@ -29,9 +29,14 @@ class Perplexity:
 
 
 def windows(text_ids: list[int], context: int, bos_id: int) -> list[list[int]]:
-    """`[bos] + next (context - 1) text tokens`, until the text is used up."""
+    """`[bos] + next (context - 1) text tokens`, until the text is used up: exactly one <bos> per
+    window, at position 0. Raises ValueError if `text_ids` holds a <bos> itself (a window would start
+    with two, as a text encoded with parse_special=True that says "<bos>" would give)."""
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens (<bos> + one token), got {context}")
+    if bos_id in text_ids:
+        raise ValueError(f"the text's ids hold <bos> (id {bos_id}) at position {text_ids.index(bos_id)}: pass the "
+                         f"text without it, encoded as plain text (parse_special=False); each window gets one <bos>")
     step = context - 1
     return [[bos_id, *text_ids[i:i + step]] for i in range(0, len(text_ids), step)]
 

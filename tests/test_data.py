@@ -83,19 +83,34 @@ def prepared(tmp_path):
     return tmp_path / "o"
 
 
+def expected_window(stream, w, t):
+    """Window w as the PackedData docstring defines it: (tokens, targets, stream position of each target)."""
+    a = w * t
+    if stream[a] == D.BOS:  # a document starts the window: its own <bos> is the window's
+        tokens, pos = stream[a:a + t].tolist(), list(range(a + 1, a + t)) + [None]
+    else:
+        tokens, pos = [D.BOS] + stream[a:a + t - 1].tolist(), list(range(a, a + t))
+    targets = [IGNORE if p is None or stream[p] == D.BOS else int(stream[p]) for p in pos]
+    return tokens, targets, [p for p, y in zip(pos, targets) if y != IGNORE]
+
+
 def test_windows_cover_the_stream_once_and_order_resumes(prepared):
     stream = np.fromfile(prepared / "train.tokens", dtype=np.uint32).astype(np.int64)
     d = D.PackedData(prepared, "train", seq_len=8, batch_size=3, seed=1)
-    seen = []
+    seen, predicted = [], []
     while d.epoch == 0:
         b = d.next_batch()
         for w, x, y in zip(b["windows"].tolist(), b["tokens"], b["targets"]):
-            assert x.tolist() == [D.BOS] + stream[w * 8: w * 8 + 7].tolist()  # every sequence starts with <bos>
-            want = stream[w * 8: w * 8 + 8]
-            assert y.tolist() == np.where(want == D.BOS, IGNORE, want).tolist()  # <bos> is never a target
+            tokens, targets, pos = expected_window(stream, w, 8)
+            assert x.tolist() == tokens and y.tolist() == targets
+            if d.epoch == 0 or len(seen) < d.n_windows:
+                predicted += pos
             seen.append(w)
-    # the last batch of the epoch wraps into epoch 1; every window of epoch 0 came exactly once
+    # the last batch of the epoch wraps into epoch 1; every window of epoch 0 came exactly once, and
+    # with them every stream position but the <bos>es was predicted exactly once
     assert sorted(seen[: d.n_windows]) == list(range(d.n_windows))
+    owned = np.arange(d.n_windows * 8)
+    assert sorted(predicted) == owned[stream[owned] != D.BOS].tolist()
     state = d.state_dict()
     rest = [d.next_batch()["windows"].tolist() for _ in range(5)]
     d2 = D.PackedData(prepared, "train", seq_len=8, batch_size=3, seed=1)
@@ -103,6 +118,49 @@ def test_windows_cover_the_stream_once_and_order_resumes(prepared):
     assert [d2.next_batch()["windows"].tolist() for _ in range(5)] == rest
     d3 = D.PackedData(prepared, "train", seq_len=8, batch_size=3, seed=2)
     assert [d3.next_batch()["windows"].tolist() for _ in range(3)] != [rest[0], rest[1], rest[2]]
+
+
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("seq_len", [2, 3, 5, 8, 16])
+def test_one_bos_per_window_text_at_position_1(prepared, seq_len, mask):
+    # Documents of 4-12 bytes: windows start at document starts, inside documents and at an <eos>.
+    stream = np.fromfile(prepared / "train.tokens", dtype=np.uint32).astype(np.int64)
+    d = D.PackedData(prepared, "train", seq_len, 4, mask_documents=mask, shuffle=False)
+    b = d.windows(range(d.n_windows))
+    tok, tgt = b["tokens"], b["targets"]
+    assert (tok[:, 0] == D.BOS).all() and (tok[:, 1] != D.BOS).all()  # one <bos>, never two in a row
+    assert not (tgt == D.BOS).any()
+    starts = [w for w in range(d.n_windows) if stream[w * seq_len] == D.BOS]
+    assert starts and all(tok[w, 1] == stream[w * seq_len + 1] for w in starts)  # the text at position 1
+    predicted = [p for w in range(d.n_windows) for p in expected_window(stream, w, seq_len)[2]]
+    if mask:  # a document's last token does not predict the next one's start: its <bos> (ignored anyway)
+        assert (b["positions"][:, 0] == 0).all() and (b["positions"][tok == D.BOS] == 0).all()
+        assert (b["positions"][:, 1:][tok[:, :-1] == D.BOS] == 1).all()  # after every <bos>: position 1
+        assert (b["segment_ids"][:, 0] == b["segment_ids"][:, 1]).all()
+    assert len(predicted) == len(set(predicted)) == int((tgt != IGNORE).sum())
+    owned = np.arange(d.n_windows * seq_len)
+    assert sorted(predicted) == owned[stream[owned] != D.BOS].tolist()
+
+
+def test_prepare_encodes_documents_as_plain_text(tmp_path):
+    from gguf_files import tiny_vocab, write_gguf
+    from conftest import random_model, tiny_config
+    from gemmakit import cli
+    from gemmakit.tokenizer import Tokenizer
+
+    vocab = tiny_vocab(320)
+    write_gguf(tmp_path / "t.gguf", random_model(tiny_config(3).replace(vocab_size=320)), vocab)
+    text = "<bos>the <start_of_turn>model\n<eos>is"
+    (tmp_path / "a.txt").write_text(text)
+    assert cli.main(["data", "prepare", str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "t.gguf"),
+                     "--out", str(tmp_path / "o"), "--val-fraction", "0"]) == 0
+    toks = np.fromfile(tmp_path / "o" / "train.tokens", dtype=np.uint32).tolist()
+    tok = Tokenizer.from_gguf_vocab(vocab)
+    assert toks == [2, *tok.encode(text, add_bos=False, parse_special=False), 1]
+    assert toks.count(2) == 1 and toks.count(1) == 1 and 5 not in toks  # no control id from the text
+    assert tok.decode(toks[1:-1]) == text
+    with pytest.raises(ValueError, match="a.txt: the tokenizer produced <bos>/<eos> ids inside the text"):
+        D.prepare([tmp_path / "a.txt"], lambda t: tok.encode(t, add_bos=False), tmp_path / "o2", 320)
 
 
 def test_document_masking_equals_separate_documents(prepared):
@@ -146,3 +204,45 @@ def test_cli_data_prepare_with_the_gemma_tokenizer(tmp_path, capsys):
     assert "1 invalid UTF-8" in capsys.readouterr().err
     assert cli.main(["data", "prepare", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]) == 1
     assert "none.txt: no such file or folder" in capsys.readouterr().err
+
+
+LINES = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
+         "The slings and arrows of outrageous fortune,"]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("mask", [False, True])
+def test_gemma_windows_have_one_bos_and_the_text_at_position_1(tmp_path, mask):
+    from gemmakit import cli
+    from gemmakit.train.commands import load_tokenizer
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LINES))
+    assert cli.main(["data", "prepare", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"),
+                     "--val-fraction", "0"]) == 0
+    tok = load_tokenizer(None)
+    b = D.PackedData(tmp_path / "o", "train", 16, 1, mask_documents=mask, shuffle=False).windows([0])
+    docs = [tok.encode(t, add_bos=False) for t in LINES]
+    assert docs[0][:2] == [2021, 577]  # "To", " be"
+    stream = [i for d in docs for i in (2, *d, 1)]
+    assert b["tokens"][0].tolist() == stream[:16]  # was [2, 2, 2021, 577, ...]
+    n = len(docs[0]) + 2  # the first document with its <bos> and <eos>
+    # every text token and <eos> is a target; the next document's <bos> is not, nor the 17th token
+    # (the next window's); with masking the first document's <eos> does not predict across documents
+    want = [IGNORE if i == 2 else i for i in stream[1:16]] + [IGNORE]
+    assert b["targets"][0].tolist() == want
+    if mask:
+        assert b["positions"][0].tolist() == list(range(n)) + list(range(16 - n))
+        assert b["segment_ids"][0].tolist() == [0] * n + [1] * (16 - n)
+
+
+@pytest.mark.real
+def test_real_model_prefers_one_bos(real_model):
+    model, tok = real_model
+    ids = tok.encode(" ".join(LINES * 4), add_bos=False)[:120]
+    nll = {}
+    for n_bos in (1, 2):
+        x = torch.tensor([[tok.bos_id] * n_bos + ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(x)[0, n_bos - 1:-1].float(), -1)
+        nll[n_bos] = float(-logp.gather(1, torch.tensor(ids)[:, None]).mean())
+    assert nll[1] < nll[2]

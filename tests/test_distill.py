@@ -1,6 +1,7 @@
 """Distillation: student configs, the teacher cache (contents, determinism, resume, checks), cached
 sampled distillation against online full distillation, and the CLI end to end on tiny models."""
 
+import dataclasses
 import json
 
 import pytest
@@ -62,11 +63,112 @@ def test_student_config_presets_and_files(tmp_path):
 
 
 def test_vocabulary_mismatch_is_refused(data_dir):
-    with pytest.raises(ValueError, match=r"student vocabulary \(256000\) != teacher vocabulary \(262144\)"):
-        DI.check_vocab(get_config("gemma2-2b").replace(vocab_size=256000), 262144)
-    other = tiny(0, CFG.replace(vocab_size=V + 1))
+    DI.check_vocab(get_config("gemma3-1b"), 262208)  # 262,144 rows of a 4B's 262,208: a prefix
+    with pytest.raises(ValueError, match=r"student vocabulary \(262208\) is larger than the teacher vocabulary "
+                                         r"\(262144\)"):
+        DI.check_vocab(get_config("gemma3-4b").replace(vocab_size=262208), 262144)
+    bigger = tiny(0, CFG.replace(vocab_size=V + 1))
     with pytest.raises(ValueError, match="shared tokenizer"):
-        DI.online_full_loss(tiny(1))(other, D.PackedData(data_dir, "train", 8, 1).next_batch())
+        DI.online_full_loss(tiny(1))(bigger, D.PackedData(data_dir, "train", 8, 1).next_batch())
+
+
+def test_tokenizers_that_differ_are_refused_naming_the_first_id(tmp_path):
+    from gguf_files import tiny_vocab
+
+    from gemmakit.tokenizer import Tokenizer
+
+    v = tiny_vocab(320)
+    a = Tokenizer.from_gguf_vocab(v)
+    more = dataclasses.replace(v, tokens=v.tokens + [f"<extra{i}>" for i in range(8)], scores=v.scores + [0.0] * 8,
+                               types=v.types + [3] * 8)  # 8 more rows, like a 4B's image token and padding
+    DI.check_pieces(a, Tokenizer.from_gguf_vocab(more), "teacher's", "student's")  # a prefix: fine
+    DI.check_pieces(a, None, "teacher's", "data's")  # unknown: nothing to compare
+    with pytest.raises(ValueError, match=r"tokenizers differ at id 5 \('<start_of_turn>' vs '<unused5>'\)"):
+        DI.check_pieces(a, Tokenizer.from_gguf_vocab(tiny_vocab(320, turn_ids=(7, 8))), "teacher's", "student's")
+
+
+def truncated_full_loss(student, teacher, batch, T=1.0, alpha=0.0):
+    """The reference: the teacher's logits truncated to the student's ids, softmax (renormalized), KD."""
+    with torch.no_grad():
+        zt = teacher(batch["tokens"], batch.get("positions"))[..., :student.config.vocab_size]
+    p = torch.softmax(zt / T, -1)
+    logq = torch.log_softmax(student(batch["tokens"], batch.get("positions")) / T, -1)
+    valid = batch["targets"] != -100
+    kd = -(p * logq).sum(-1)[valid].mean() * T * T
+    ce = torch.nn.functional.cross_entropy(student(batch["tokens"])[valid], batch["targets"][valid])
+    return (1 - alpha) * kd + alpha * ce
+
+
+def test_teacher_with_more_rows_distills_over_the_student_ids(tmp_path):
+    # Gemma 3 4B+ teachers have 262,208 rows, 1B/270M students 262,144: here 128 and 136.
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": f"to be or not {i}"}) + "\n" for i in range(8)))
+    D.prepare([src], lambda t: [b % 120 + 3 for b in t.encode()], tmp_path / "data", 128, val_fraction=0.0)
+    student, teacher = tiny(0, CFG.replace(vocab_size=128)), tiny(1, CFG.replace(vocab_size=136))
+    batch = D.PackedData(tmp_path / "data", "train", 8, 2).next_batch()
+    for T, alpha in ((1.0, 0.0), (2.0, 0.3)):
+        want = truncated_full_loss(student, teacher, batch, T, alpha)
+        torch.testing.assert_close(DI.online_full_loss(teacher, T, alpha, chunk=5)(student, batch), want)
+    want = truncated_full_loss(student, teacher, batch)
+    # sampled: k = the student's vocabulary covers every student id -> the same loss, online ...
+    torch.testing.assert_close(DI.online_sampled_loss(teacher, k=128, chunk=5)(student, batch), want)
+    # ... and from a cache of the teacher's own ids (all 136): the 8 ids past the student's are dropped
+    TC.build_teacher_cache(teacher, tmp_path / "data", tmp_path / "c", k=136, seq_len=8, batch_size=4)
+    cache = TC.TeacherCache(tmp_path / "c")
+    cache.check(tmp_path / "data", 8, False, 128)
+    assert (cache.lookup(batch["windows"])[0] >= 128).any()
+    torch.testing.assert_close(DI.cached_sampled_loss(cache, chunk=5)(student, batch), want, rtol=2e-3, atol=1e-4)
+    # the gradient flows as for the truncated teacher
+    DI.cached_sampled_loss(cache, chunk=5)(student, batch).backward()
+    assert student.model.embed_tokens.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"student vocabulary \(137\) is larger than the teacher vocabulary \(136\)"):
+        cache.check(tmp_path / "data", 8, False, 137)
+
+
+def test_old_window_layout_cache_is_refused(data_dir, tmp_path):
+    TC.build_teacher_cache(tiny(1), data_dir, tmp_path / "c", k=4, seq_len=8, batch_size=4)
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["window_format"] == D.PackedData.WINDOW_FORMAT == 2
+    del meta["window_format"]  # as gemmakit wrote it before windows stopped doubling <bos>
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="older sequence layout .*rebuild it"):
+        TC.TeacherCache(tmp_path / "c")
+    with pytest.raises(ValueError, match="older sequence layout"):
+        TC.build_teacher_cache(tiny(1), data_dir, tmp_path / "c", k=4, seq_len=8, batch_size=4)
+
+
+def test_teacher_cache_max_tokens_bounds_it(data_dir, tmp_path, capsys, monkeypatch):
+    d = D.PackedData(data_dir, "train", 8, 2)
+    assert d.n_windows > 5
+    meta = TC.build_teacher_cache(tiny(1), data_dir, tmp_path / "c", k=4, seq_len=8, max_tokens=5 * 8 + 3)
+    assert meta["windows"] == 5 and (tmp_path / "c" / "ids.u32").stat().st_size == 5 * 8 * 4 * 4
+    with pytest.raises(ValueError, match="less than one sequence"):
+        TC.build_teacher_cache(tiny(1), data_dir, tmp_path / "c2", k=4, seq_len=8, max_tokens=7)
+    # the CLI says the size first; distillation from the bounded cache draws only the windows it holds
+    from gemmakit import hub
+
+    monkeypatch.setattr(hub, "load", lambda spec, **kw: (tiny(1), None))
+    assert cli.main(["teacher-cache", "--teacher", "x.gguf", "--data", str(data_dir), "--out", str(tmp_path / "c3"),
+                     "--k", "4", "--seq-len", "8", "--max-tokens", "40"]) == 0
+    assert "40 tokens x k 4 x 6 bytes" in capsys.readouterr().err
+    seen = []
+    real = DI.cached_sampled_loss
+
+    def spy(cache, *a):
+        f = real(cache, *a)
+        return lambda m, batch: (seen.extend(batch["windows"].tolist()), f(m, batch))[1]
+
+    monkeypatch.setattr(DI, "cached_sampled_loss", spy)
+    assert cli.main(["distill", "--model", "gemma3-270m", "--teacher-cache", str(tmp_path / "c3"), "--data",
+                     str(data_dir), "--out", str(tmp_path / "run"), "--seq-len", "8", "--batch-size", "2",
+                     "--steps", "4", "--warmup", "1"]) == 1  # 262,144 rows > 300: refused before training
+    student = tmp_path / "s.json"
+    student.write_text(json.dumps({"base": "gemma3-270m", "vocab_size": V, "d_model": 16, "n_layers": 2,
+                                   "n_heads": 1, "n_kv_heads": 1, "head_dim": 8, "intermediate_size": 32}))
+    assert cli.main(["distill", "--model", str(student), "--teacher-cache", str(tmp_path / "c3"), "--data",
+                     str(data_dir), "--out", str(tmp_path / "run"), "--seq-len", "8", "--batch-size", "2",
+                     "--steps", "4", "--warmup", "1"]) == 0
+    assert len(seen) == 8 and set(seen) <= set(range(5))
 
 
 def test_teacher_cache_contents_and_resume(data_dir, tmp_path, monkeypatch):
@@ -111,6 +213,7 @@ def test_teacher_cache_contents_and_resume(data_dir, tmp_path, monkeypatch):
         cache.check(data_dir, 16, False, V)
     with pytest.raises(ValueError, match="student vocabulary"):
         cache.check(data_dir, 8, False, V + 1)
+    cache.check(data_dir, 8, False, V - 1)  # a student vocabulary that is a prefix of the teacher's
 
 
 def test_cached_sampled_with_full_support_trains_like_online_full(data_dir, tmp_path):
@@ -130,7 +233,7 @@ def test_cached_sampled_with_full_support_trains_like_online_full(data_dir, tmp_
     TC.build_teacher_cache(teacher, data_dir, tmp_path / "c4", k=4, seq_len=8, batch_size=4)
     small = T.train(tiny(0, std=0.02), D.PackedData(data_dir, "train", 8, 2), cfg, tmp_path / "k4",
                     loss_fn=DI.cached_sampled_loss(TC.TeacherCache(tmp_path / "c4"), chunk=6))["log"]
-    assert small[0]["loss"] != pytest.approx(runs["full"][0], rel=1e-3)
+    assert [r["loss"] for r in small] != pytest.approx(runs["full"], rel=1e-3)
 
 
 def test_online_sampled_matches_cache_objective(data_dir):
@@ -160,7 +263,7 @@ def test_cli_distill_from_cache_and_errors(data_dir, tmp_path, capsys):
     rc = cli.main(["distill", "--model", str(student), "--teacher-cache", str(tmp_path / "cache"),
                    "--out", str(tmp_path / "bad"), *common])
     err = capsys.readouterr().err
-    assert rc == 1 and "student vocabulary (262144) != teacher vocabulary (300)" in err
+    assert rc == 1 and "student vocabulary (262144) is larger than the teacher vocabulary (300)" in err
     rc = cli.main(["distill", "--model", str(student), "--teacher-cache", str(tmp_path / "nocache"),
                    "--out", str(tmp_path / "bad"), *common])
     assert rc == 1 and "not a teacher cache" in capsys.readouterr().err

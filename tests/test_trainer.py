@@ -80,6 +80,61 @@ def test_resume_after_sigint_gives_identical_losses(data_dir, tmp_path):
     assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 for r in log)
 
 
+def test_fresh_run_refuses_an_earlier_run_unless_overwrite(data_dir, tmp_path):
+    out = tmp_path / "r"
+    T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(steps=2), out)
+    ck, log = (out / T.CHECKPOINT).read_bytes(), (out / T.LOG).read_text()
+    with pytest.raises(FileExistsError, match=r"already holds a training run \(checkpoint.pt, log.jsonl\)"):
+        T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(steps=3), out)
+    assert (out / T.CHECKPOINT).read_bytes() == ck and (out / T.LOG).read_text() == log
+    res = T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(steps=3, ckpt_every=100), out,
+                  overwrite=True)
+    assert res["step"] == 3 and T.load_checkpoint(out / T.CHECKPOINT)["step"] == 3
+    assert [json.loads(x)["step"] for x in (out / T.LOG).read_text().splitlines()] == [1, 2, 3]
+    with pytest.raises(ValueError, match="give one"):
+        T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(), out, resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(steps=8), r"steps 4 -> 8 \(the cosine schedule is laid out over the run's length\)"),
+    (dict(lr=1e-3), r"lr 0.003 -> 0.001"), (dict(seq_len=8), r"seq_len 16 -> 8"),
+    (dict(seed=1), r"seed 0 -> 1 \(the data order would change\)"), (dict(batch_size=4), "batch_size 2 -> 4"),
+])
+def test_resume_refuses_settings_that_change_the_run(data_dir, tmp_path, change, message):
+    out = tmp_path / "r"
+    T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(steps=4), out, extra_state={"objective": "ce"})
+    with pytest.raises(ValueError, match=message):
+        T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(**{"steps": 4, **change}), out, resume=True,
+                extra_state={"objective": "ce"})
+    with pytest.raises(ValueError, match="objective ce -> full"):
+        T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(steps=4), out, resume=True,
+                extra_state={"objective": "full"})
+
+
+def test_resume_says_harmless_changes(data_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    first = T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(steps=4, ckpt_every=2), out,
+                    loss_fn=_stop_after(2))
+    assert first["step"] == 2
+    capsys.readouterr()
+    res = T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(steps=4, ckpt_every=1, chunk=5), out,
+                  resume=True)
+    err = capsys.readouterr().err
+    assert "resuming with a changed setting: chunk 7 -> 5" in err and "ckpt_every 2 -> 1" in err
+    assert res["step"] == 4
+
+
+def _stop_after(n):
+    ce, calls = T.ce_loss(7), {"n": 0}
+
+    def f(m, batch):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return ce(m, batch)
+    return f
+
+
 KILLER = """
 import os, sys, torch
 from gemmakit.train import trainer as T, data as D

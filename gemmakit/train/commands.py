@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
-from gemmakit.config import CONFIGS, Config
+from gemmakit.config import CONFIGS
 from gemmakit.train.data import PackedData, load_meta, prepare
-from gemmakit.train.trainer import TrainConfig, train
+from gemmakit.train.trainer import CHECKPOINT, TrainConfig, check_out, check_resume, saved_settings, train
 
 _HELP = {
     "steps": "optimizer steps", "batch_size": "sequences per micro-batch (per device)", "seq_len": "tokens per sequence",
@@ -30,30 +33,38 @@ _HELP = {
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    """--data/--out/--resume plus one option per TrainConfig field."""
+    """--data/--out/--resume/--overwrite, LoRA, plus one option per TrainConfig field."""
     p.add_argument("--data", required=True, help="directory written by `gemmakit data prepare`")
     p.add_argument("--out", required=True, help="run directory: checkpoint.pt, log.jsonl, model/")
-    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
-    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank only (0: full training); "
-                   "merged into the weights of OUT/model at the end")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (update = B A alpha / rank)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt (settings that "
+                       "would change the run, e.g. --steps, are refused; --eval-every, --ckpt-every may change)")
+    again.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT (without it, an OUT "
+                       "holding a checkpoint, log or model is refused)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank only (default 0: full "
+                   "training); merged into the weights of OUT/model at the end")
+    p.add_argument("--lora-alpha", type=float, default=16.0,
+                   help="LoRA scale alpha (update = B A alpha / rank; default 16.0)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", help=_HELP[f.name])
+            p.add_argument(flag, action="store_true", help=f"{_HELP[f.name]} (default: off)")
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, help=f"{_HELP[f.name]} (default {f.default})")
 
 
 def add_distill_options(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--teacher", help="teacher model (GGUF, HF dir, hub id), run online")
+    src.add_argument("--teacher", help="teacher model, run online: GGUF file, HF directory, hub id or `default` "
+                     "(the embedded Gemma 3 270M)")
     src.add_argument("--teacher-cache", help="cache from `gemmakit teacher-cache`: no teacher in memory")
     p.add_argument("--objective", choices=("full", "sampled"), default=None,
                    help="with --teacher: full distribution (default) or sampled logits; a cache is always sampled")
-    p.add_argument("--k", type=int, default=256, help="sampled ids per token for online sampled distillation")
-    p.add_argument("--temperature", type=float, default=1.0, help="full distillation temperature")
-    p.add_argument("--alpha", type=float, default=0.0, help="weight of the cross-entropy mixed into the loss")
+    p.add_argument("--k", type=int, default=256,
+                   help="sampled ids per token for online sampled distillation (default 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="full distillation temperature (default 1.0)")
+    p.add_argument("--alpha", type=float, default=0.0,
+                   help="weight of the cross-entropy mixed into the loss (default 0.0: pure distillation)")
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
@@ -61,8 +72,17 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def model_spec(spec: str | None) -> str | None:
-    """'default' (or nothing) is the embedded Gemma 3 270M."""
-    return None if spec in (None, "default") else spec
+    """'default' (or nothing) is the embedded Gemma 3 270M: None for hub.resolve/hub.load."""
+    from gemmakit import hub
+
+    return None if hub.is_default(spec) else spec
+
+
+def _spec_id(spec: str | None) -> str | None:
+    """A model spec as recorded in a checkpoint: `default`, an absolute path, or as given (hub ids)."""
+    if spec is None or model_spec(spec) is None:
+        return "default"
+    return str(Path(spec).expanduser().resolve()) if Path(spec).expanduser().exists() else spec
 
 
 def load_tokenizer(spec: str | None):
@@ -80,19 +100,51 @@ def load_tokenizer(spec: str | None):
     raise ValueError(f"{spec!r} names no tokenizer: give a GGUF file or an HF model directory")
 
 
+TOKENIZER_DIR = "tokenizer"  # data prepare keeps a copy of its tokenizer here
+
+
+def data_tokenizer(data_dir: str | Path):
+    """The tokenizer the data was prepared with: the copy in DATA/tokenizer/, else the spec meta.json
+    names if it still loads; None if unknown (data prepared by the library with another encoder)."""
+    from gemmakit.tokenizer import Tokenizer
+
+    if (Path(data_dir) / TOKENIZER_DIR).is_dir():
+        return Tokenizer.from_dir(Path(data_dir) / TOKENIZER_DIR)
+    spec = load_meta(data_dir).get("tokenizer")
+    if not spec:
+        return None
+    try:
+        return load_tokenizer(spec)
+    except (ValueError, OSError):
+        return None
+
+
 def data_prepare(args: argparse.Namespace) -> None:
     tok = load_tokenizer(args.tokenizer)
-    meta = prepare(args.inputs, lambda t: tok.encode(t, add_bos=False), args.out, len(tok),
-                   tokenizer_name=args.tokenizer or "default", val_fraction=args.val_fraction,
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # A copy of the tokenizer, so a model trained from scratch on this data can be saved with it.
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))
+    try:
+        tok.save(tmp)
+        shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+        os.rename(tmp, out / TOKENIZER_DIR)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # Documents are plain text: a literal "<bos>" or "<start_of_turn>" in them is text, not a control
+    # id (only prepare() places <bos>/<eos>, one each per document).
+    meta = prepare(args.inputs, lambda t: tok.encode(t, add_bos=False, parse_special=False), out, len(tok),
+                   tokenizer_name=_spec_id(args.tokenizer), val_fraction=args.val_fraction,
                    bos=tok.bos_id, eos=tok.eos_id, val_files=args.val_files)
     print(json.dumps({k: v for k, v in meta.items() if k != "val_documents"}))
     if meta["invalid_utf8_replaced"]:
         print(f"note: {meta['invalid_utf8_replaced']} invalid UTF-8 sequences were replaced by U+FFFD", file=sys.stderr)
 
 
-def new_model(spec: str, seed: int) -> tuple[torch.nn.Module, Config]:
-    """A model to train: a preset or .json/.toml config gets a seeded random init; anything else
-    (GGUF, HF dir, hub id) is loaded with its weights for fine-tuning."""
+def new_model(spec: str, seed: int):
+    """(model, tokenizer or None) to train: a preset or .json/.toml config gets a seeded random init
+    (no tokenizer of its own: None); anything else (GGUF, HF dir, hub id, `default`) is loaded with its
+    weights and tokenizer for fine-tuning."""
     from gemmakit.model import build
     from gemmakit.train.distill import student_config
 
@@ -100,21 +152,47 @@ def new_model(spec: str, seed: int) -> tuple[torch.nn.Module, Config]:
         config = student_config(spec)
         model = build(config, "cpu")
         model.init_weights(generator=torch.Generator().manual_seed(seed))
-        return model, config
+        return model, None
     from gemmakit import hub
 
-    model, _ = hub.load(model_spec(spec))
-    return model, model.config
+    return hub.load(model_spec(spec))
 
 
-def _fit(args: argparse.Namespace, model: torch.nn.Module, loss_fn=None, extra: dict | None = None) -> None:
-    """Train `model` on args.data with the TrainConfig options; save OUT/model at the end (rank 0)."""
-    from gemmakit.train.distill import check_vocab
+def _check_run_dir(args: argparse.Namespace, extra: dict) -> None:
+    """Before any loading: refuse to overwrite an earlier run, or to resume it with other settings."""
+    check_out(args.out, args.resume, args.overwrite)
+    if args.resume:
+        saved_cfg, saved_extra = saved_settings(Path(args.out) / CHECKPOINT)
+        check_resume(saved_cfg, saved_extra, _train_config(args), extra)  # notes are printed by train()
+
+
+def _run_extra(args: argparse.Namespace, **objective) -> dict:
+    """What a checkpoint records beyond TrainConfig, compared on --resume."""
+    meta = load_meta(args.data)
+    return {"model": _spec_id(args.model), "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+            "data": {"train_tokens": int(meta["tokens"]["train"]), "documents": int(meta["documents"]["train"])},
+            **objective}
+
+
+def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_fn=None, extra: dict | None = None,
+         max_windows: int | None = None) -> None:
+    """Train `model` on args.data with the TrainConfig options; save OUT/model at the end (rank 0), with
+    `tokenizer` (the fine-tuned model's), or the data's tokenizer for a model trained from scratch."""
+    from gemmakit.train.distill import check_pieces
     from gemmakit.train.parallel import apply_activation_checkpointing, init_distributed, shard
 
     cfg = _train_config(args)
     meta = load_meta(args.data)
-    check_vocab(model.config, meta["vocab_size"], what="data's tokenizer")
+    max_id = int(meta.get("max_id", meta["vocab_size"] - 1))
+    if max_id >= model.config.vocab_size:
+        raise ValueError(f"the data's tokenizer has ids up to {max_id}, the model only {model.config.vocab_size} rows: "
+                         f"prepare the data with the model's tokenizer")
+    data_tok = data_tokenizer(args.data)
+    check_pieces(tokenizer, data_tok, "model's", "data's")
+    tokenizer = tokenizer or data_tok
+    if tokenizer is None:
+        print(f"gemmakit: warning: {args.data} names no tokenizer gemmakit can load; {Path(args.out) / 'model'} will "
+              f"have none (prepare the data with `gemmakit data prepare`)", file=sys.stderr)
     if args.lora_rank:
         from gemmakit.train.lora import apply_lora
 
@@ -125,12 +203,14 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, loss_fn=None, extra: 
     if world > 1:
         shard(model)
     data = PackedData(args.data, "train", cfg.seq_len, cfg.batch_size, cfg.mask_documents, seed=cfg.seed,
-                      rank=rank, world=world)
+                      rank=rank, world=world, max_windows=max_windows)
     val = None
     if meta["tokens"]["val"] > cfg.seq_len:
         val = PackedData(args.data, "val", cfg.seq_len, cfg.batch_size, cfg.mask_documents, shuffle=False)
+    if args.overwrite and rank == 0:
+        shutil.rmtree(Path(args.out) / "model", ignore_errors=True)  # the earlier run's (checkpoint: train())
     res = train(model, data, cfg, args.out, loss_fn=loss_fn, val=val, resume=args.resume, extra_state=extra,
-                rank=rank)
+                rank=rank, overwrite=args.overwrite)
     if rank != 0:
         return
     if res["interrupted"]:
@@ -143,25 +223,38 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, loss_fn=None, extra: 
         from gemmakit.train.lora import merge_lora
 
         merge_lora(model)
-    weights.save(model, Path(args.out) / "model")
+    weights.save(model, Path(args.out) / "model", tokenizer=tokenizer)
     last = res["log"][-1] if res["log"] else {}
     print(json.dumps({"step": res["step"], "loss": last.get("loss"), "val_loss": last.get("val_loss"),
                       "model": str(Path(args.out) / "model")}))
 
 
 def train_cmd(args: argparse.Namespace) -> None:
-    model, _ = new_model(args.model, args.seed)
-    _fit(args, model)
+    extra = _run_extra(args, objective="cross_entropy")
+    _check_run_dir(args, extra)
+    model, tokenizer = new_model(args.model, args.seed)
+    _fit(args, model, tokenizer, extra=extra)
 
 
 def teacher_cache(args: argparse.Namespace) -> None:
     from gemmakit import hub
+    from gemmakit.train.distill import check_pieces
     from gemmakit.train.teacher_cache import build_teacher_cache
 
-    teacher, _ = hub.load(model_spec(args.teacher))
+    if args.max_tokens is not None and args.max_tokens < args.seq_len:
+        raise ValueError(f"--max-tokens {args.max_tokens} is less than one sequence of --seq-len {args.seq_len}")
+    meta = load_meta(args.data)  # before loading the teacher: a bad --data fails fast
+    tokens = int(meta["tokens"]["train"])
+    if args.max_tokens is not None:
+        tokens = min(tokens, args.max_tokens)
+    tokens -= tokens % args.seq_len
+    print(f"teacher cache: {tokens:,} tokens x k {args.k} x 6 bytes = {tokens * args.k * 6 / 2**20:,.1f} MiB in "
+          f"{args.out}", file=sys.stderr)
+    teacher, tok = hub.load(model_spec(args.teacher))
+    check_pieces(tok, data_tokenizer(args.data), "teacher's", "data's")
     meta = build_teacher_cache(teacher, args.data, args.out, k=args.k, seq_len=args.seq_len,
                                batch_size=args.batch_size, mask_documents=args.mask_documents, seed=args.seed,
-                               teacher_name=args.teacher or "default", bf16=args.bf16)
+                               teacher_name=_spec_id(args.teacher), bf16=args.bf16, max_tokens=args.max_tokens)
     print(json.dumps(meta))
 
 
@@ -169,22 +262,33 @@ def distill(args: argparse.Namespace) -> None:
     from gemmakit.train import distill as D
     from gemmakit.train.teacher_cache import TeacherCache
 
-    student, config = new_model(args.model, args.seed)
     if args.teacher_cache:
         if args.objective == "full":
             raise ValueError("a teacher cache holds sampled logits only; full distillation needs --teacher")
         cache = TeacherCache(args.teacher_cache)
+        extra = _run_extra(args, objective="sampled", teacher_cache=_spec_id(args.teacher_cache), alpha=args.alpha)
+    else:
+        objective = args.objective or "full"
+        settings = {"k": args.k} if objective == "sampled" else {"temperature": args.temperature}
+        extra = _run_extra(args, objective=objective, teacher=_spec_id(args.teacher), alpha=args.alpha, **settings)
+    _check_run_dir(args, extra)
+    student, tokenizer = new_model(args.model, args.seed)
+    config = student.config
+    if args.teacher_cache:
         cache.check(args.data, args.seq_len, args.mask_documents, config.vocab_size)
         loss_fn = D.cached_sampled_loss(cache, args.alpha, args.chunk)
-        extra = {"objective": "sampled", "teacher_cache": args.teacher_cache}
+        max_windows = cache.meta["windows"]  # a cache bounded by --max-tokens covers the first windows only
     else:
         from gemmakit import hub
 
         D.check_vocab(config, hub.load_config(model_spec(args.teacher)).vocab_size)
-        teacher, _ = hub.load(model_spec(args.teacher))
+        if args.objective == "sampled" and not 0 < args.k <= config.vocab_size:
+            raise ValueError(f"--k {args.k} must be in [1, {config.vocab_size}] (the student's vocabulary)")
+        teacher, teacher_tok = hub.load(model_spec(args.teacher))
+        D.check_pieces(teacher_tok, tokenizer or data_tokenizer(args.data), "teacher's", "student's")
         if args.objective == "sampled":
             loss_fn = D.online_sampled_loss(teacher, args.k, args.alpha, args.chunk, args.seed)
         else:
             loss_fn = D.online_full_loss(teacher, args.temperature, args.alpha, args.chunk)
-        extra = {"objective": args.objective or "full", "teacher": args.teacher}
-    _fit(args, student, loss_fn, extra)
+        max_windows = None
+    _fit(args, student, tokenizer, loss_fn, extra, max_windows)

@@ -3,8 +3,10 @@
 A prepared directory holds, per split (`train`, `val`):
   {split}.tokens   uint32 token ids, every document written as <bos> text <eos>, back to back
   {split}.docs     uint64 start offset of each document in {split}.tokens, then the total length
-and meta.json (tokenizer, vocabulary size, counts, invalid UTF-8 replacements). Both files are plain
-arrays read with np.memmap, so a corpus larger than memory costs nothing to open.
+and meta.json (tokenizer, vocabulary size, largest id, counts, invalid UTF-8 replacements); `gemmakit
+data prepare` also keeps a copy of its tokenizer in tokenizer/ (a model trained from scratch on the data
+is saved with it). Both token files are plain arrays read with np.memmap, so a corpus larger than memory
+costs nothing to open.
 
 Documents are assigned to a split by a hash of their name (file path, or path:line for JSONL), so the
 split is deterministic and does not change when other documents are added.
@@ -98,7 +100,9 @@ def prepare(inputs: list[str | Path], encode: Callable[[str], list[int]], out_di
             val_files: list[str] | None = None) -> dict:
     """Tokenize `inputs` into `out_dir` (see the module docstring); returns the meta.json contents.
 
-    `encode(text)` must return ids without <bos>/<eos>; they are added here around every document.
+    `encode(text)` must return the ids of the text as plain text (no <bos>/<eos> or other control
+    ids: a document that says "<bos>" is text); <bos> and <eos> are added here around every document,
+    and an encoder that yields them inside a document is an error.
     `val_files`: file names (e.g. "hamlet.txt") whose documents form the validation split instead of
     the hash-based `val_fraction`.
     Files are written under temporary names and renamed when complete; meta.json comes last.
@@ -125,12 +129,17 @@ def prepare(inputs: list[str | Path], encode: Callable[[str], list[int]], out_di
     handles = {s: open(out / f"{s}.tokens.tmp", "wb") for s in SPLITS}
     starts: dict[str, list[int]] = {s: [] for s in SPLITS}
     n_tokens = {s: 0 for s in SPLITS}
-    invalid = 0
+    invalid = max_id = 0
     try:
         for doc, split in tqdm(list(zip(docs, splits)), desc="tokenizing", unit="doc"):
-            ids = [bos, *encode(doc.text), eos]
+            body = encode(doc.text)
+            if bos in body or eos in body:
+                raise ValueError(f"{doc.name}: the tokenizer produced <bos>/<eos> ids inside the text; "
+                                 f"encode documents as plain text")
+            ids = [bos, *body, eos]
             if max(ids) >= vocab_size or min(ids) < 0:
                 raise ValueError(f"{doc.name}: tokenizer produced ids outside [0, {vocab_size})")
+            max_id = max(max_id, *ids)
             starts[split].append(n_tokens[split])
             handles[split].write(np.asarray(ids, dtype=np.uint32).tobytes())
             n_tokens[split] += len(ids)
@@ -144,7 +153,7 @@ def prepare(inputs: list[str | Path], encode: Callable[[str], list[int]], out_di
         os.replace(out / f"{s}.tokens.tmp", out / f"{s}.tokens")
         os.replace(out / f"{s}.docs.tmp", out / f"{s}.docs")
     meta = {
-        "tokenizer": tokenizer_name, "vocab_size": vocab_size, "bos": bos, "eos": eos, "val_fraction": val_fraction,
+        "tokenizer": tokenizer_name, "vocab_size": vocab_size, "max_id": max_id, "bos": bos, "eos": eos, "val_fraction": val_fraction,
         "documents": {s: len(starts[s]) for s in SPLITS}, "tokens": n_tokens,
         "invalid_utf8_replaced": invalid,
         "val_documents": [d.name for d, s in zip(docs, splits) if s == "val"],
@@ -166,20 +175,36 @@ def load_meta(data_dir: str | Path) -> dict:
 class PackedData:
     """Packed fixed-length sequences from one split, in a seeded order, with a resumable position.
 
-    Window w of a split's token stream s is the sequence
-        tokens  = <bos>, s[wT], ..., s[wT + T - 2]
-        targets = s[wT], s[wT + 1], ..., s[wT + T - 1]
-    for T = seq_len: every stream position is predicted exactly once per epoch, and every sequence
-    starts with <bos>, as Gemma models expect (without it the real 270M's perplexity on Shakespeare is
-    several times worse). Documents run into each other, separated by <eos><bos>; a <bos> is never a
-    target (it is given, not predicted). With `mask_documents`, each sequence also gets segment_ids
-    (tokens attend only inside their own document; the leading <bos> joins the first document) and
-    positions that restart at every document.
+    The split's token stream s is its documents back to back, each `<bos> text <eos>`. For T = seq_len,
+    window w owns the T stream positions a = wT, ..., wT + T - 1 (the last len(s) mod T positions belong
+    to no window); its sequence is
+        if s[a] is not <bos> (the window starts inside a document):
+            tokens  = <bos>, s[a], ..., s[a + T - 2]
+            targets = s[a], ..., s[a + T - 1]
+        if s[a] is <bos> (the window starts at a document start, which has its own <bos>):
+            tokens  = s[a], s[a + 1], ..., s[a + T - 1]          (= <bos>, text...)
+            targets = s[a + 1], ..., s[a + T - 1], IGNORE
+    So every sequence has exactly one <bos> at position 0, and a document that starts a window has its
+    text at position 1, as at inference. Every stream position is the target of exactly one window
+    per epoch (the one that owns it), except a <bos>: it is given, never predicted (its target is
+    IGNORE). In the second case the last input's target, s[a + T], is owned by window w + 1 and so is
+    IGNORE here. Documents run into each other (`... <eos> <bos> text ...`). With `mask_documents`
+    each sequence also gets segment_ids (tokens attend only inside their own document; a prepended
+    <bos> joins the first document) and positions that restart at 0 at every document's <bos>
+    (the first document of a sequence counts from its position 0), and a document's last token is not
+    trained to predict the next document's start.
+
+    WINDOW_FORMAT numbers this definition; a teacher cache records it (its rows are per window input).
     """
+
+    WINDOW_FORMAT = 2  # 1: every window got a <bos> prepended, even before a document's own <bos>
 
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, batch_size: int,
                  mask_documents: bool = False, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, max_windows: int | None = None) -> None:
+        """`max_windows`: use only the first windows of the split (e.g. those a bounded teacher cache
+        covers). Raises FileNotFoundError for a directory that is not prepared data, ValueError for a
+        split too short for one window."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         if seq_len < 2:
@@ -192,6 +217,8 @@ class PackedData:
         self.mask_documents, self.shuffle, self.seed = mask_documents, shuffle, seed
         self.rank, self.world = rank, world
         self.n_windows = len(self.tokens) // seq_len
+        if max_windows is not None:
+            self.n_windows = min(self.n_windows, max_windows)
         if self.n_windows < 1:
             raise ValueError(f"{split} split has {len(self.tokens)} tokens: too few for seq_len {seq_len}")
         self.epoch, self.pos = 0, 0
@@ -211,25 +238,33 @@ class PackedData:
         self._order = self._permutation(self.epoch)
 
     def windows(self, idx: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
-        """The batch made of the given window indices (see the class docstring)."""
-        t = self.seq_len
+        """The batch made of the given window indices (see the class docstring): tokens, targets [B, T]
+        int64, windows [B], and with mask_documents segment_ids and positions [B, T]."""
+        t, n = self.seq_len, len(self.tokens)
         idx = np.asarray(idx, dtype=np.int64)
-        targets = np.stack([np.asarray(self.tokens[w * t: w * t + t], dtype=np.int64) for w in idx])
-        tokens = np.concatenate([np.full((len(idx), 1), self.bos), targets[:, :-1]], axis=1)
-        batch = {"tokens": torch.from_numpy(tokens), "targets": torch.from_numpy(targets), "windows": torch.from_numpy(idx)}
+        start = idx * t
+        shift = (np.asarray(self.tokens[start], dtype=np.int64) == self.bos).astype(np.int64)
+        tgt_pos = (start + shift)[:, None] + np.arange(t)[None, :]  # stream position of each target
+        in_pos = tgt_pos - 1  # of each input; column 0 is <bos> (the stream's own when shift, else prepended)
+        tokens = np.asarray(self.tokens[np.clip(in_pos, 0, n - 1)], dtype=np.int64)
+        tokens[:, 0] = self.bos
+        targets = np.asarray(self.tokens[np.clip(tgt_pos, 0, n - 1)], dtype=np.int64)
+        targets[tgt_pos >= (start + t)[:, None]] = IGNORE  # owned by the next window
         if self.mask_documents:
-            tgt_pos = idx[:, None] * t + np.arange(t)[None, :]  # stream position of each target
-            in_pos = np.concatenate([tgt_pos[:, :1], tgt_pos[:, :-1]], axis=1)  # of each input (<bos> -> first)
+            in_pos[:, 0] = tgt_pos[:, 0]  # the leading <bos> belongs to the document of the first target
             doc_in = np.searchsorted(self.doc_starts, in_pos, side="right") - 1
-            doc_tgt = np.searchsorted(self.doc_starts, tgt_pos, side="right") - 1
+            doc_tgt = np.searchsorted(self.doc_starts, np.minimum(tgt_pos, n - 1), side="right") - 1
             positions = in_pos - self.doc_starts[doc_in]
-            # The document the window starts inside is seen from the prepended <bos> on: count from 0.
+            # The document the window starts in is seen from the leading <bos> on: count from 0.
             first = doc_in == doc_in[:, :1]
             positions[first] = np.broadcast_to(np.arange(t), positions.shape)[first]
+            targets[doc_tgt != doc_in] = IGNORE
+        targets[targets == self.bos] = IGNORE
+        batch = {"tokens": torch.from_numpy(tokens), "targets": torch.from_numpy(targets),
+                 "windows": torch.from_numpy(idx)}
+        if self.mask_documents:
             batch["segment_ids"] = torch.from_numpy(doc_in)
             batch["positions"] = torch.from_numpy(positions)
-            batch["targets"][torch.from_numpy(doc_tgt != doc_in)] = IGNORE
-        batch["targets"][batch["targets"] == self.bos] = IGNORE
         return batch
 
     def next_batch(self) -> dict[str, torch.Tensor]:

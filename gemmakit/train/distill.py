@@ -5,6 +5,12 @@
   in memory).
 - `online_sampled_loss(teacher, k)`: the same objective with the sample drawn on the fly.
 Students: a preset name, or a JSON/TOML file `{"base": "<preset>", <Config field>: value, ...}`.
+
+Vocabularies: the student's ids must be teacher ids with the same pieces. Gemma 3 4B/12B/27B have
+262,208 embedding rows and 1B/270M 262,144 (the same tokenizer; the extra rows are the image soft
+token and padding), so a student may have FEWER rows than its teacher: the teacher's distribution is
+then taken over the student's ids and renormalized (softmax of the teacher's logits truncated to the
+student's vocabulary), in every objective.
 """
 
 from __future__ import annotations
@@ -55,10 +61,24 @@ def student_config(spec: str) -> Config:
     return base.replace(**raw)
 
 
-def check_vocab(student: Config, teacher_vocab: int, what: str = "teacher") -> None:
-    if student.vocab_size != teacher_vocab:
-        raise ValueError(f"student vocabulary ({student.vocab_size}) != {what} vocabulary ({teacher_vocab}): "
-                         f"the student must share the teacher's tokenizer")
+def check_vocab(student: Config | int, teacher_vocab: int, what: str = "teacher") -> None:
+    """The student's vocabulary (rows, or a Config) must be a prefix of the teacher's: no larger.
+    Whether the shared ids are the same pieces is `check_pieces`'s job (it needs the tokenizers)."""
+    rows = student.vocab_size if isinstance(student, Config) else student
+    if rows > teacher_vocab:
+        raise ValueError(f"student vocabulary ({rows}) is larger than the {what} vocabulary ({teacher_vocab}): "
+                         f"the student's ids must be {what} ids (a shared tokenizer)")
+
+
+def check_pieces(a, b, a_name: str, b_name: str) -> None:
+    """Two tokenizers (gemmakit.tokenizer.Tokenizer, or None: unknown, nothing to check) must give the
+    ids they share the same pieces; raises ValueError naming the first id that differs."""
+    if a is None or b is None:
+        return
+    for i, (x, y) in enumerate(zip(a.pieces, b.pieces)):
+        if x != y:
+            raise ValueError(f"the {a_name} and {b_name} tokenizers differ at id {i} ({x!r} vs {y!r}): "
+                             f"they are not the same vocabulary")
 
 
 def _teacher_hidden(teacher: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -86,6 +106,8 @@ def online_sampled_loss(teacher: torch.nn.Module, k: int = 256, alpha: float = 0
     """Sampled-logit distillation with the sample drawn now (same estimator as the cache)."""
     teacher.eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
+    if not 0 < k <= teacher.config.vocab_size:
+        raise ValueError(f"k = {k} must be in [1, {teacher.config.vocab_size}]")
 
     def f(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         th = _teacher_hidden(teacher, batch)
@@ -93,7 +115,8 @@ def online_sampled_loss(teacher: torch.nn.Module, k: int = 256, alpha: float = 0
         with torch.no_grad():
             flat = th.reshape(-1, th.shape[-1]).float()
             for s in range(0, flat.shape[0], chunk):
-                i, p = sample_teacher(teacher.logits(flat[s:s + chunk]), k, gen)
+                # Over the student's ids only: sampling and renormalizing the truncated logits.
+                i, p = sample_teacher(teacher.logits(flat[s:s + chunk])[:, :model.config.vocab_size], k, gen)
                 ids.append(i)
                 probs.append(p)
         return distill_sampled(model, _student_hidden(model, batch), torch.cat(ids), torch.cat(probs),

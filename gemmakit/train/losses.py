@@ -124,7 +124,8 @@ def distill_full(model, h: Tensor, teacher, teacher_h: Tensor, targets: Tensor, 
                  alpha: float = 0.0, chunk: int = 1024) -> Tensor:
     """Gemma 2 distillation: mean over tokens of sum_x -P_T(x|c) log P_S(x|c), optionally mixed with CE.
 
-    Both distributions are taken at `temperature` T (softmax(z / T)) and the KD term is multiplied by
+    A teacher vocabulary larger than the student's is truncated to the student's ids (P_T renormalized
+    over them). Both distributions are taken at `temperature` T (softmax(z / T)) and the KD term is multiplied by
     T^2 so its gradient keeps the same scale as T changes (Hinton et al., 2015); at T = 1 it is exactly
     the Gemma 2 objective. loss = (1 - alpha) * T^2 * KD + alpha * CE(targets).
     The teacher's logits come from `teacher.logits(teacher_h[chunk])` under no_grad, chunk by chunk,
@@ -132,15 +133,18 @@ def distill_full(model, h: Tensor, teacher, teacher_h: Tensor, targets: Tensor, 
     Gradient w.r.t. the student logits: T * (softmax(z / T) - P_T) per valid token (P_T sums to 1).
     """
     h, teacher_h, targets = h.reshape(-1, h.shape[-1]), teacher_h.reshape(-1, teacher_h.shape[-1]), targets.reshape(-1)
-    if teacher.config.vocab_size != model.config.vocab_size:
-        raise ValueError(f"teacher vocabulary ({teacher.config.vocab_size}) != student vocabulary "
-                         f"({model.config.vocab_size}): distillation needs a shared tokenizer")
+    V = model.config.vocab_size
+    if teacher.config.vocab_size < V:
+        raise ValueError(f"teacher vocabulary ({teacher.config.vocab_size}) is smaller than the student's ({V}): "
+                         f"distillation needs a shared tokenizer (the student's ids must be teacher ids)")
     valid = (targets != IGNORE).float()
     T = temperature
 
     def fn(z: Tensor, sl: slice, want_grad: bool) -> tuple[Tensor, Tensor | None]:
         with torch.no_grad():  # softmax in place: one [chunk x vocab] teacher array, not two
-            zt = teacher.logits(teacher_h[sl]).float()
+            # A teacher with more rows (Gemma 3 4B+: 262,208 vs 262,144): its distribution over the
+            # student's ids, renormalized, is the softmax of its logits truncated to them.
+            zt = teacher.logits(teacher_h[sl]).float()[:, :V]
             zt = zt / T if T != 1.0 else zt
             p_t = zt.sub_(torch.logsumexp(zt, dim=-1, keepdim=True)).exp_()
         logq = torch.log_softmax(z / T, dim=-1)
@@ -185,16 +189,21 @@ def distill_sampled(model, h: Tensor, ids: Tensor, probs: Tensor, targets: Tenso
     teacher's probabilities at them (any positive scale, e.g. fp16 from the teacher cache); the target
     Q_T is probs renormalized over the sample (zero outside it). log P_S is the student's FULL-vocabulary
     log-softmax gathered at the sampled ids, so the student's normalizer still runs over every token.
+    Sampled ids at or past the student's vocabulary (a teacher with more rows) get Q_T = 0: the target
+    is the teacher renormalized over the sample's student ids.
     Optionally mixed with CE: (1 - alpha) * KD + alpha * CE.
     """
     k = ids.shape[-1]
     h, ids, probs, targets = h.reshape(-1, h.shape[-1]), ids.reshape(-1, k), probs.reshape(-1, k), targets.reshape(-1)
     valid = (targets != IGNORE).float()
+    V = model.config.vocab_size
 
     def fn(z: Tensor, sl: slice, want_grad: bool) -> tuple[Tensor, Tensor | None]:
-        q = probs[sl].float()
-        q = q / q.sum(-1, keepdim=True).clamp(min=1e-30) * valid[sl, None]
         idx = ids[sl].long()
+        outside = idx >= V
+        q = probs[sl].float().masked_fill(outside, 0.0)
+        q = q / q.sum(-1, keepdim=True).clamp(min=1e-30) * valid[sl, None]
+        idx = idx.masked_fill(outside, 0)  # any student id: its weight is 0
         logp_all = torch.log_softmax(z, dim=-1)
         logp = logp_all.gather(-1, idx)
         # 0 * log p for zero-probability slots (padding past the teacher's support) must stay 0.

@@ -58,6 +58,12 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def sum_across_ranks(x: float) -> float:
     if not is_distributed():
         return x

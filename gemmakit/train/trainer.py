@@ -8,6 +8,10 @@ position and every RNG state, so a run stopped at step k and resumed produces th
 as one that never stopped. Checkpoints are written to a temporary file, fsynced, then renamed over the
 previous one (os.replace is atomic), so a process killed mid-write leaves the last checkpoint intact.
 SIGINT/SIGTERM finish the current step, write a checkpoint and return.
+
+A run directory is never reused by accident: a fresh run into a directory that holds a checkpoint or
+a log is refused unless `overwrite`, and a resumed run compares its settings with the checkpoint's,
+refusing those that would not continue the same run (`check_resume`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +37,7 @@ from tqdm import tqdm
 from gemmakit.config import Config, VisionConfig
 from gemmakit.train.data import PackedData
 from gemmakit.train.losses import IGNORE, cross_entropy
-from gemmakit.train.parallel import full_state_dicts, load_full_state_dicts, sum_across_ranks, world_size
+from gemmakit.train.parallel import barrier, full_state_dicts, load_full_state_dicts, sum_across_ranks, world_size
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -58,6 +63,61 @@ class TrainConfig:
     eval_every: int = 0  # validation loss every N steps (0: only at the end, if val data is given)
     eval_batches: int = 0  # validation batches per evaluation (0: the whole split)
     seed: int = 0  # data order and RNG
+
+
+# TrainConfig fields a resumed run may change: they do not alter what any step computes (chunk only
+# regroups the exact loss, activation checkpointing recomputes the same activations).
+HARMLESS = ("ckpt_every", "eval_every", "eval_batches", "chunk", "activation_checkpointing")
+_WHY = {"steps": "the cosine schedule is laid out over the run's length",
+        "warmup": "the schedule would change", "lr": "the schedule would change",
+        "min_lr_ratio": "the schedule would change",
+        "weight_decay": "the optimizer state holds the old value", "clip": "the updates would change",
+        "bf16": "the numerics would change", "batch_size": "the data position counts sequences of this size",
+        "grad_accum": "the data position counts sequences of this size",
+        "seq_len": "the data position counts windows of this length",
+        "mask_documents": "the sequences would change", "seed": "the data order would change"}
+
+
+def check_out(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a fresh run over an earlier one without `overwrite`, or to resume without a
+    checkpoint. Raises FileExistsError / FileNotFoundError / ValueError."""
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one")
+    if resume:
+        if not (out / CHECKPOINT).exists():
+            raise FileNotFoundError(f"{out / CHECKPOINT}: no checkpoint to resume from")
+        return
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    found = [name for name in (CHECKPOINT, LOG, "model") if (out / name).exists()]
+    if found and not overwrite:
+        raise FileExistsError(f"{out} already holds a training run ({', '.join(found)}); continue it with --resume "
+                              f"or replace it with --overwrite")
+
+
+def check_resume(saved: dict, saved_extra: dict, cfg: TrainConfig, extra: dict | None) -> list[str]:
+    """Compare a checkpoint's train_config and extra state with a resumed run's.
+
+    Returns one note per harmless change (e.g. "eval_every 0 -> 10"); raises ValueError naming every
+    change that would not continue the same run (schedule, data order, numerics, objective)."""
+    now = dataclasses.asdict(cfg)
+    notes, bad = [], []
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            change = f"{key} {saved[key]} -> {value}"
+            if key in HARMLESS:
+                notes.append(change)
+            else:
+                bad.append(f"{change} ({_WHY.get(key, 'the run would change')})")
+    extra = extra or {}
+    for key in sorted(set(saved_extra) | set(extra)):
+        if saved_extra.get(key) != extra.get(key):
+            bad.append(f"{key} {saved_extra.get(key)} -> {extra.get(key)}")
+    if bad:
+        raise ValueError(f"--resume with settings that differ from the checkpoint's: {'; '.join(bad)}. Resume with "
+                         f"the original settings, or start a new run (another --out, or --overwrite)")
+    return notes
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -143,6 +203,16 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a readable gemmakit checkpoint ({e})") from None
 
 
+def saved_settings(path: str | Path) -> tuple[dict, dict]:
+    """(train_config, extra) of a checkpoint, read without loading its tensors into memory (mmap)."""
+    path = Path(path)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable gemmakit checkpoint ({e})") from None
+    return ck.get("train_config", {}), ck.get("extra", {})
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -176,14 +246,18 @@ def _stop_on_signals():
 
 def train(model: torch.nn.Module, data: PackedData, cfg: TrainConfig, out_dir: str | Path,
           loss_fn: LossFn | None = None, val: PackedData | None = None, resume: bool = False,
-          extra_state: dict[str, Any] | None = None, rank: int = 0) -> dict[str, Any]:
+          extra_state: dict[str, Any] | None = None, rank: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Train `model` in place for cfg.steps optimizer steps; returns {"step", "interrupted", "log"}.
 
     Writes out_dir/checkpoint.pt every cfg.ckpt_every steps, at the end and on SIGINT/SIGTERM, and one
-    JSON line per step to out_dir/log.jsonl. With resume=True the run continues from checkpoint.pt.
-    `extra_state` (e.g. the distillation settings) is stored in the checkpoint as it is.
+    JSON line per step to out_dir/log.jsonl. With resume=True the run continues from checkpoint.pt
+    (settings checked by `check_resume`; harmless changes are printed to stderr). A fresh run into a
+    directory holding an earlier run's checkpoint or log needs overwrite=True (see `check_out`).
+    `extra_state` (e.g. the distillation settings) is stored in the checkpoint and must match on resume.
     """
     out = Path(out_dir)
+    check_out(out, resume, overwrite)
+    barrier()  # every rank has looked at out_dir before rank 0 writes to it
     out.mkdir(parents=True, exist_ok=True)
     loss_fn = loss_fn or ce_loss(cfg.chunk)
     opt = make_optimizer(model, cfg)
@@ -192,6 +266,9 @@ def train(model: torch.nn.Module, data: PackedData, cfg: TrainConfig, out_dir: s
     log_path = out / LOG
     if resume:
         ck = load_checkpoint(out / CHECKPOINT)
+        for note in check_resume(ck.get("train_config", {}), ck.get("extra", {}), cfg, extra_state):
+            if rank == 0:
+                print(f"resuming with a changed setting: {note}", file=sys.stderr)
         load_full_state_dicts(model, opt, ck["model"], ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         data.load_state_dict(ck["data"])
@@ -203,6 +280,7 @@ def train(model: torch.nn.Module, data: PackedData, cfg: TrainConfig, out_dir: s
     else:
         torch.manual_seed(cfg.seed)
         if rank == 0:
+            (out / CHECKPOINT).unlink(missing_ok=True)  # an overwritten run's checkpoint is not this run's
             log_path.write_text("")
 
     def checkpoint() -> None:
