@@ -7,9 +7,12 @@ problem; `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 
-from gemmakit.config import CONFIGS, Config, get_config
+from gemmakit.config import CONFIGS, Config
 
 
 class UserError(Exception):
@@ -43,15 +46,57 @@ def describe(config: Config) -> str:
     return "\n".join(lines)
 
 
+def _at_least(flag: str, value: int | None, minimum: int, why: str = "") -> None:
+    """Refuse an out-of-range option (None: not given) before anything loads."""
+    if value is not None and value < minimum:
+        raise UserError(f"{flag} must be at least {minimum}{why}, got {value}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from gemmakit import hub
-
-    config = hub.load_config(args.model)  # a preset, GGUF file, HF directory or hub id; no weights loaded
     from gemmakit.engine import format_plan, memory_plan
 
-    plan = memory_plan(config, args.context or config.max_seq_len, args.batch, args.kv_dtype)  # checks first
+    _at_least("--context", args.context, 1)  # 0 is not "the default": it is refused
+    _at_least("--batch", args.batch, 1)
+    config = hub.load_config(args.model)  # a preset, GGUF file, HF directory, hub id or default; no weights
+    context = config.max_seq_len if args.context is None else args.context
+    plan = memory_plan(config, context, args.batch, args.kv_dtype)  # checks context against the model first
     print(describe(config))
     print(format_plan(plan, _fmt_bytes))
+
+
+# -- paths given on the command line: checked before any loading ------------------------------------
+
+def _input_file(path: str, what: str) -> Path:
+    """`path` if it is a readable file; else an error saying whether it is missing, a directory or unreadable."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{p} is a directory, not a {what}")
+    if not p.exists():
+        raise FileNotFoundError(f"no such {what}: {p}")
+    if not os.access(p, os.R_OK):
+        raise PermissionError(f"cannot read the {what} {p}: permission denied")
+    return p
+
+
+def _output_dir(path: str) -> Path:
+    """`path` if a new model directory can be written there: it is absent or an empty directory, and the
+    directory that will hold it (its nearest existing ancestor) takes new files."""
+    out = Path(path).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not an empty directory")
+    # Written as a temporary directory next to `out`, then renamed: its parent must take new entries.
+    where = out.absolute().parent
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir():
+        raise UserError(f"cannot create {out}: {where} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot create {out}: {where} is not writable ({(e.strerror or str(e)).lower()})") from None
+    return out
 
 
 # -- running a model ------------------------------------------------------------------------------
@@ -61,7 +106,7 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 
 def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", default=None,
-                   help="GGUF file, HF directory or hub id (default: the embedded Gemma 3 270M)")
+                   help="GGUF file, HF directory, hub id, or `default` (the embedded Gemma 3 270M, the default)")
     s.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="compute dtype (default float32)")
     s.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="weight-only quantization: int8 per channel or int4 in groups of 32 (default: none)")
@@ -69,10 +114,54 @@ def _add_model_args(s: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(s: argparse.ArgumentParser, max_new_tokens: int) -> None:
     s.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    s.add_argument("--top-p", type=float, default=None, help="keep the smallest set reaching probability p")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    s.add_argument("--top-k", type=int, default=None, help="sampling: keep the k most likely tokens")
+    s.add_argument("--top-p", type=float, default=None, help="sampling: keep the smallest set reaching probability p")
+    s.add_argument("--min-p", type=float, default=None,
+                   help="sampling: keep tokens at least p times as likely as the most likely one")
     s.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
+    s.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help="divide positive / multiply negative logits of every token already in the prompt or "
+                        "the output by R (CTRL/transformers; also when greedy; 1 = off, the default)")
+    s.add_argument("--stop", action="append", default=[], metavar="STRING",
+                   help="end the text where STRING appears, STRING not printed (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """engine.generate's sampling keywords from the parsed options."""
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=getattr(args, "min_p", None), repetition_penalty=getattr(args, "repetition_penalty", None),
+                seed=args.seed)
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """Refuse out-of-range options of _add_sampling_args before anything loads (ValueError naming the flag)."""
+    from gemmakit.sample import check_sampling
+    from gemmakit.tokenizer import check_utf8
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for stop in args.stop:
+        if not check_utf8(stop, "--stop"):
+            raise ValueError("--stop needs a non-empty string")
+    kw = _sampling(args)
+    kw.pop("seed")
+    try:
+        check_sampling(**kw)
+    except ValueError as e:  # "top_p must be ..." -> "--top-p must be ..."
+        name, rest = str(e).split(" ", 1)
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+
+
+def _warn_if_ignored(args: argparse.Namespace) -> None:
+    """Greedy decoding (the default) ignores the sampling options: say so in one line on stderr."""
+    if args.temperature == 0:
+        ignored = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "min_p", "seed")
+                   if getattr(args, k, None) is not None]
+        if ignored:
+            print(f"gemmakit: warning: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect "
+                  "with greedy decoding (--temperature 0, the default); give --temperature > 0 to sample",
+                  file=sys.stderr)
 
 
 def _load(args: argparse.Namespace):
@@ -89,24 +178,77 @@ def _load(args: argparse.Namespace):
 
 
 def _stream(model, tokenizer, ids: list[int], args: argparse.Namespace, out=None, images=None) -> str:
-    """Generate from `ids`, writing text to `out` as it comes; return the text (stop token excluded)."""
-    from gemmakit.engine import generate
+    """Generate from `ids`, writing text to `out` as it comes; return the text (stop token/string excluded)."""
+    from gemmakit.engine import stream_text
 
-    out = out or sys.stdout
-    decoder, pieces = tokenizer.stream(), []
-    for (token,) in generate(model, [ids], args.max_new_tokens, stop_ids=tokenizer.stop_ids,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             images=images):
-        if token is None or token in tokenizer.stop_ids:
-            break
-        if text := decoder.push(token):
-            pieces.append(text)
-            out.write(text)
+    chunks = stream_text(model, tokenizer, [ids], args.max_new_tokens, stop=getattr(args, "stop", ()),
+                         images=images, **_sampling(args))
+    return _write_chunks(chunks, out or sys.stdout).text
+
+
+def _write_chunks(chunks, out):
+    """Write one prompt's text chunks to `out` as they come; return its Completion."""
+    for chunk in chunks:
+        if chunk.text:
+            out.write(chunk.text)
             out.flush()
-    pieces.append(tail := decoder.flush())
-    out.write(tail)
-    out.flush()
-    return "".join(pieces)
+        if chunk.completion is not None:
+            return chunk.completion
+    raise AssertionError("stream_text ended without a completion")
+
+
+def _read_text(path: str, what: str) -> str:
+    """A UTF-8 file's text ("-": stdin), read strictly: invalid bytes are an error naming the offset."""
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such {what}: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a {what}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{'stdin' if path == '-' else path} is not valid UTF-8 (byte {e.start})") from None
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """The prompt(s) of `generate`: the argument, --file (one prompt) or --batch (one per line); - is stdin."""
+    from gemmakit.tokenizer import check_utf8
+
+    given = [o for o, v in (("a PROMPT", args.prompt), ("--file", args.file), ("--batch", args.batch))
+             if v is not None]
+    if len(given) != 1:
+        raise UserError("give the prompt as an argument (- reads stdin), with --file or --batch"
+                        + (f", not {' and '.join(given)}" if given else ""))
+    if args.prompt is not None and args.prompt != "-":
+        return [check_utf8(args.prompt, "the prompt")]
+    if args.batch is None:  # a whole file is one prompt; an editor's final newline is not part of it
+        text = _read_text(args.file or "-", "prompt file")
+        return [text[:-1] if text.endswith("\n") else text]
+    text = _read_text(args.batch, "batch file")
+    lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")]
+    if empty := [n for n, line in enumerate(lines, 1) if not line]:
+        raise ValueError(f"line {empty[0]} of {args.batch} is empty: --batch takes one prompt per line")
+    return lines
+
+
+def _completion_json(c) -> str:
+    """One line of JSON: text, OpenAI's finish_reason and usage, and timings (seconds, tokens per second)."""
+    import json
+
+    def rate(tokens: int, seconds: float) -> float | None:
+        return round(tokens / seconds, 3) if tokens > 0 and seconds > 0 else None
+
+    # The first new token comes out of the prefill: decoding made completion_tokens - 1 of them.
+    return json.dumps({
+        "text": c.text, "finish_reason": c.finish_reason,
+        "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                  "total_tokens": c.prompt_tokens + c.completion_tokens},
+        "timings": {"prefill_seconds": round(c.prefill_seconds, 6),
+                    "prefill_tokens_per_second": rate(c.prompt_tokens, c.prefill_seconds),
+                    "decode_seconds": round(c.decode_seconds, 6),
+                    "decode_tokens_per_second": rate(c.completion_tokens - 1, c.decode_seconds)},
+    }, ensure_ascii=False)
 
 
 def _add_image_args(s: argparse.ArgumentParser) -> None:
@@ -126,6 +268,10 @@ def _add_image_args(s: argparse.ArgumentParser) -> None:
 def _pan_and_scan(args: argparse.Namespace):
     from gemmakit.image import PanScan
 
+    _at_least("--pan-and-scan-min-crop-size", args.pan_and_scan_min_crop_size, 1)
+    _at_least("--pan-and-scan-max-crops", args.pan_and_scan_max_crops, 2, " (cropping makes at least 2)")
+    if not args.pan_and_scan_min_ratio > 0:
+        raise UserError(f"--pan-and-scan-min-ratio must be > 0, got {args.pan_and_scan_min_ratio}")
     if not args.pan_and_scan:
         return None
     return PanScan(args.pan_and_scan_min_crop_size, args.pan_and_scan_max_crops, args.pan_and_scan_min_ratio)
@@ -133,102 +279,71 @@ def _pan_and_scan(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from gemmakit import hub, image, vision
+    from gemmakit.engine import stream_text
 
+    # Everything the user gave is checked before the weights load, and nothing is printed before an error.
+    _check_sampling(args)
+    scan = _pan_and_scan(args)
+    prompts = _prompts(args)
+    if args.image and len(prompts) > 1:
+        raise UserError("--image works with one prompt, not with --batch")
     pixels, crops = None, []
     if args.image:  # read the images before loading weights: a bad file or a text-only model fails fast
-        pixels, crops = image.load_images(args.image, hub.load_config(args.model), _pan_and_scan(args))
+        pixels, crops = image.load_images(args.image, hub.load_config(args.model), scan)
+    _warn_if_ignored(args)
     model, tokenizer = _load(args)
-    ids = vision.prompt_ids(tokenizer.encode, model.config, args.prompt, crops)  # <bos> + images + prompt
+    ids = [vision.prompt_ids(tokenizer.encode, model.config, p, crops) for p in prompts]  # <bos> + images + prompt
+    chunks = stream_text(model, tokenizer, ids, args.max_new_tokens, stop=args.stop, images=pixels,
+                         **_sampling(args))  # raises here for a prompt too long for the context
+    if args.json or args.batch is not None:  # whole texts, in input order
+        done = [None] * len(prompts)
+        for c in chunks:
+            if c.completion is not None:
+                done[c.index] = c.completion
+        for prompt, c in zip(prompts, done):
+            sys.stdout.write(_completion_json(c) + "\n" if args.json
+                             else ("" if args.no_echo else prompt) + c.text + "\n")
+        return
     if not args.no_echo:
-        sys.stdout.write(args.prompt)
-    _stream(model, tokenizer, ids, args, images=pixels)
+        sys.stdout.write(prompts[0])
+    _write_chunks(chunks, sys.stdout)
     sys.stdout.write("\n")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    import torch
+    from gemmakit import chat
 
-    from gemmakit import image, vision
-    from gemmakit.tokenizer import render_chat
-
-    model, tokenizer = _load(args)
-    interactive = sys.stdin.isatty()
-    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    # Images of the whole conversation (the prompt is re-rendered every turn) and those for the next turn.
-    pixels: list = []
-    crops: list[int] = []
-    attached: list[dict] = []
-    if interactive:
-        print("chat with the model; /image PATH attaches an image to your next message, /reset starts over, "
-              "/exit or Ctrl-D quits", file=sys.stderr)
-    while True:
-        if interactive:
-            try:
-                line = input("> ")
-            except EOFError:
-                break
-        else:
-            line = sys.stdin.readline()
-            if not line:
-                break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            messages = messages[:1] if args.system else []
-            pixels, crops, attached = [], [], []
-            continue
-        if line.startswith("/image"):
-            try:
-                views, n = image.load_images([line[len("/image"):].strip()], model.config, _pan_and_scan(args))
-            except (ValueError, OSError) as e:  # a bad image ends this command, not the chat
-                print(f"gemmakit: error: {e}", file=sys.stderr)
-                continue
-            pixels.append(views)
-            crops += n
-            attached.append({"type": "image"})
-            print(f"(image attached{f' with {n[0]} crops' if n[0] else ''}; now type your message)", file=sys.stderr)
-            continue
-        messages.append({"role": "user", "content": attached + [{"type": "text", "text": line}]})
-        attached = []
-        ids = vision.prompt_ids(lambda text: tokenizer.encode(text, add_bos=False), model.config,
-                                render_chat(messages, model.config.generation), crops)
-        room = model.config.max_seq_len - len(ids)
-        if room < 1:
-            raise ValueError(f"the conversation ({len(ids)} tokens) no longer fits the context length of "
-                             f"{model.config.max_seq_len} tokens; /reset starts over")
-        # A long conversation gets a shorter reply rather than an error.
-        turn = argparse.Namespace(**{**vars(args), "max_new_tokens": min(args.max_new_tokens, room)})
-        reply = _stream(model, tokenizer, ids, turn, images=torch.cat(pixels) if pixels else None)
-        sys.stdout.write("\n")
-        messages.append({"role": "model", "content": reply})
+    chat.run(args)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from gemmakit import hub
 
-    out = hub.convert(args.gguf, args.out)
-    print(f"wrote {out}")
+    out = _output_dir(args.out)  # before reading a single tensor
+    source = hub.default_gguf() if hub.is_default(args.gguf) else _input_file(args.gguf, "GGUF file")
+    print(f"wrote {hub.convert(source, out)}")
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
+    from gemmakit import hub
     from gemmakit.evaluate import perplexity
 
-    path = Path(args.file)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such text file: {path}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 text (byte {e.start})") from None
+    _at_least("--context", args.context, 2, " (<bos> + one token)")
+    text = _read_text(args.file, "text file")
+    if not text:
+        raise UserError(f"{args.file} is empty: no tokens to score")
+    if args.context is not None:  # the model's context length, from its config: no weights loaded yet
+        config = hub.load_config(args.model)
+        if args.context > config.max_seq_len:
+            raise UserError(f"--context {args.context} exceeds {config.name}'s context length of "
+                            f"{config.max_seq_len} tokens")
     model, tokenizer = _load(args)
-    result = perplexity(model, tokenizer.encode(text, add_bos=False), tokenizer.bos_id, args.context)
-    print(f"perplexity {result.perplexity:.4f}  tokens {result.tokens}  windows {result.windows} of "
-          f"{result.context}  ({path.name})")
+    # Plain text: a literal "<bos>" or "<start_of_turn>" in the file is scored as the text it is.
+    result = perplexity(model, tokenizer.encode(text, add_bos=False, parse_special=False), tokenizer.bos_id,
+                        args.context)
+    name = "stdin" if args.file == "-" else Path(args.file).name
+    print(f"perplexity {result.perplexity:.4f}  tokens {result.tokens}  windows {result.windows}  "
+          f"context {result.context}  ({name})")
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -258,34 +373,46 @@ def cmd_distill(args: argparse.Namespace) -> None:
 def _add_training_parsers(sub) -> None:
     from gemmakit.train import commands
 
+    default = "`default` (the embedded Gemma 3 270M)"
     s = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
     s = s.add_parser("prepare", help="tokenize .txt/.jsonl files or folders into token shards")
     s.add_argument("inputs", nargs="+", help=".txt files, .jsonl files (a 'text' field per line) or folders")
-    s.add_argument("--tokenizer", default=None, help="model whose tokenizer to use (default: embedded Gemma 3 270M)")
+    s.add_argument("--tokenizer", default=None, help="model whose tokenizer to use: GGUF file, HF directory or "
+                   f"{default}; the default is {default}")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--val-fraction", type=float, default=0.1, help="documents held out for validation (by hash)")
-    s.add_argument("--val-files", nargs="*", default=None, help="hold out these file names instead")
+    s.add_argument("--val-fraction", type=float, default=0.1,
+                   help="documents held out for validation, by a hash of their name (default 0.1)")
+    s.add_argument("--val-files", nargs="*", default=None,
+                   help="hold out the documents of these file names instead (default: by --val-fraction)")
     s.set_defaults(func=cmd_data)
 
     s = sub.add_parser("train", help="train or fine-tune a model on prepared data")
-    s.add_argument("--model", required=True, help="preset or .json/.toml config (random init), or weights to fine-tune")
+    s.add_argument("--model", required=True, help="preset or .json/.toml config (random init), or weights to "
+                   f"fine-tune: GGUF file, HF directory, hub id or {default}")
     commands.add_train_options(s)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("teacher-cache", help="run a teacher once and store k sampled logits per token")
-    s.add_argument("--teacher", default=None, help="teacher model (default: embedded Gemma 3 270M)")
+    s.add_argument("--teacher", default=None, help=f"teacher model: GGUF file, HF directory, hub id or {default}; "
+                   f"the default is {default}")
     s.add_argument("--data", required=True, help="directory written by `gemmakit data prepare`")
     s.add_argument("--out", required=True, help="cache directory (rerun the same command to resume)")
-    s.add_argument("--k", type=int, default=256, help="sampled ids per token (default 256)")
-    s.add_argument("--seq-len", type=int, default=256, help="must equal the distillation run's --seq-len")
-    s.add_argument("--batch-size", type=int, default=4, help="sequences per teacher forward")
-    s.add_argument("--mask-documents", action="store_true", help="must equal the distillation run's")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed")
-    s.add_argument("--bf16", action="store_true", help="bf16 autocast for the teacher")
+    s.add_argument("--k", type=int, default=256, help="sampled ids per token (default 256); the cache takes "
+                   "k x 6 bytes per token")
+    s.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="cache only the first N training tokens (whole sequences), bounding the cache to "
+                        "N x k x 6 bytes; distillation from it trains on those (default: the whole split)")
+    s.add_argument("--seq-len", type=int, default=256,
+                   help="tokens per sequence; must equal the distillation run's --seq-len (default 256)")
+    s.add_argument("--batch-size", type=int, default=4, help="sequences per teacher forward (default 4)")
+    s.add_argument("--mask-documents", action="store_true", help="must equal the distillation run's (default: off)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--bf16", action="store_true", help="bf16 autocast for the teacher (default: off)")
     s.set_defaults(func=cmd_teacher_cache)
 
     s = sub.add_parser("distill", help="train a student from a teacher (online) or a teacher cache")
-    s.add_argument("--model", required=True, help="student: preset or .json/.toml config (random init), or weights")
+    s.add_argument("--model", required=True, help="student: preset or .json/.toml config (random init), or weights: "
+                   f"GGUF file, HF directory, hub id or {default}")
     commands.add_distill_options(s)
     commands.add_train_options(s)
     s.set_defaults(func=cmd_distill)
@@ -293,18 +420,31 @@ def _add_training_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gemmakit", description="Run, fine-tune and distill Gemma 1/2/3 models.")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors (also after the command)")
+    p.add_argument("--version", action="version", version=f"gemmakit {_version()}",
+                   help="print the installed version and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="config, parameter counts and memory of a model")
-    s.add_argument("model", help=f"preset name ({', '.join(CONFIGS)}), GGUF file, HF directory or hub id")
-    s.add_argument("--context", type=int, default=None, help="tokens per sequence to plan for (default: the model's)")
+    s.add_argument("model", help=f"preset name ({', '.join(CONFIGS)}), GGUF file, HF directory, hub id, or "
+                                 "`default` for the embedded Gemma 3 270M")
+    s.add_argument("--context", type=int, default=None,
+                   help="tokens per sequence to plan for, >= 1 (default: the model's context length)")
     s.add_argument("--batch", type=int, default=1, help="sequences served at once (default 1)")
     s.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp32", "int8"], help="KV cache dtype (default bf16)")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("generate", help="continue a prompt, streaming the text")
-    s.add_argument("prompt")
+    s.add_argument("prompt", nargs="?", default=None,
+                   help="the text to continue (raw: no chat template; - reads it from stdin)")
+    s.add_argument("-f", "--file", default=None, metavar="PATH",
+                   help="read the prompt from a UTF-8 file (- for stdin; a final newline is dropped)")
+    s.add_argument("--batch", default=None, metavar="FILE",
+                   help="one prompt per line of a UTF-8 file (- for stdin), generated as one batch; the "
+                        "results are printed in input order, each ending in a newline (--json: one per line)")
+    s.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of streaming: text, finish_reason (stop/length), usage "
+                        "(token counts) and timings (one object per line with --batch)")
     s.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt")
     s.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the prompt (repeatable; Gemma 3 4B+). Each goes where the prompt says "
@@ -315,26 +455,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="multi-turn chat with the model's turn template (reads stdin if not a terminal)")
-    s.add_argument("--system", default=None, help="system prompt (Gemma 3 only)")
+    s.add_argument("--system", default=None, help="system prompt (Gemma 3 only; default: none)")
     _add_image_args(s)
     _add_model_args(s)
     _add_sampling_args(s, 256)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("convert", help="convert a GGUF file to an HF directory (safetensors + tokenizer)")
-    s.add_argument("gguf", help="input .gguf file")
+    s.add_argument("gguf", help="input .gguf file, or `default` for the embedded Gemma 3 270M's")
     s.add_argument("out", help="output directory (must not exist or be empty)")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("perplexity", help="perplexity of a model on a UTF-8 text file")
-    s.add_argument("file")
+    s.add_argument("file", help="UTF-8 text file to score (- reads stdin); tokenized as plain text, no <bos>")
     s.add_argument("--context", type=int, default=None,
-                   help="window length in tokens (non-overlapping; default: the whole file if it fits)")
+                   help="window length in tokens, >= 2 (non-overlapping; default: the whole file if it fits, "
+                        "else the model's context length)")
     _add_model_args(s)
     s.set_defaults(func=cmd_perplexity)
     _add_training_parsers(sub)
-
+    _add_debug_everywhere(p)
     return p
+
+
+def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`--debug` after any (sub)command too. SUPPRESS: absent there, it leaves the top-level value alone."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in {id(s): s for s in action.choices.values()}.values():  # aliases share a parser
+                if "--debug" not in sub._option_string_actions:
+                    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                     help="show full tracebacks on errors")
+                _add_debug_everywhere(sub)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gemmakit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+def _message(e: BaseException) -> str:
+    """The error as one line for the user; an OSError's raw "[Errno 21] Is a directory: 'x'" becomes
+    "x: is a directory" (a path the user gave, or one the code reached, named without errno noise)."""
+    text = str(e)
+    if isinstance(e, OSError) and e.strerror and text.startswith("[Errno"):
+        why = e.strerror[:1].lower() + e.strerror[1:]
+        return f"{e.filename}: {why}" if e.filename is not None else why
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError, OSError) as e:
         if args.debug:
             raise
-        print(f"gemmakit: error: {e}", file=sys.stderr)
+        print(f"gemmakit: error: {_message(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,6 +1,7 @@
 """Prefill + decode as a token generator: batched prompts of different lengths, per-sequence stops.
 
-`generate` is the one loop that the CLI, the chat REPL and the benchmarks consume. Prompts are left
+`generate` is the one loop that the CLI, the chat REPL and the benchmarks consume; `stream_text` turns its
+ids into text with stop strings (what the CLI prints), `generate_text` returns that text. Prompts are left
 padded (padding gets position -1, which the model's mask hides), prefilled in one pass, then decoded
 one token per step for the whole batch. The decode step can be compiled (`compile=True`): every step
 has the same shapes and the caches advance in place, so torch.compile traces it once.
@@ -8,7 +9,9 @@ has the same shapes and the caches advance in place, so torch.compile traces it 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -17,7 +20,7 @@ from torch import Tensor
 from gemmakit.cache import make_cache
 from gemmakit.model import Gemma
 from gemmakit.quant import fuse_decode
-from gemmakit.sample import sample
+from gemmakit.sample import check_sampling, repetition_penalty, sample
 from gemmakit.vision import embed_with_images
 
 _KV_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -90,11 +93,10 @@ def decode_fn(model: Gemma, compile: bool) -> Callable[[Tensor, Tensor, list], T
     return lambda token, pos, cache: _compiled[0](model, token, pos, cache, layout)
 
 
-@torch.inference_mode()
 def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, stop_ids: Sequence[int] = (),
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             min_p: float | None = None, seed: int | None = None, kv_dtype: torch.dtype | str | None = None,
-             embeds: Tensor | None = None, images: Tensor | None = None,
+             min_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
+             kv_dtype: torch.dtype | str | None = None, embeds: Tensor | None = None, images: Tensor | None = None,
              compile: bool = False) -> Iterator[list[int | None]]:
     """Yield, once per decode step, one new token id per prompt (None once that sequence has stopped).
 
@@ -103,6 +105,11 @@ def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, sto
     the (left-padded) prompts. `images` [N, 3, S, S] (gemmakit.image.preprocess, concatenated) fill
     the prompts' image soft-token placeholders in order (see gemmakit.vision). `kv_dtype` defaults to the
     model's dtype. Sampling uses `seed` through its own generator: the same seed gives the same tokens.
+    `repetition_penalty` (CTRL's, as transformers applies it; see sample.repetition_penalty) counts every
+    id of the prompt and of the text generated so far, also when decoding greedily.
+
+    Arguments are checked when this is called, before any model work: ValueError names the first bad
+    one (empty prompt, a setting out of range, a prompt that does not fit the context, ...).
     """
     if not prompts:
         raise ValueError("no prompts given")
@@ -110,6 +117,7 @@ def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, sto
         raise ValueError("empty prompt: a prompt needs at least one token (e.g. <bos>)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     for p in prompts:
         check_length(model, len(p), max_new_tokens)
     vocab = model.config.vocab_size
@@ -120,14 +128,24 @@ def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, sto
             kv_dtype = _KV_DTYPES[kv_dtype]
         except KeyError:
             raise ValueError(f"unknown kv dtype {kv_dtype!r}; use one of {', '.join(_KV_DTYPES)}") from None
+    if images is not None and embeds is not None:
+        raise ValueError("pass images or embeds, not both")
+    penalty = None if repetition_penalty in (None, 1.0) else repetition_penalty
+    pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    # A plain function that returns the generator: the checks above run at the call, not at the first
+    # next(), so a caller (the CLI) can validate before it prints anything.
+    return _steps(model, prompts, max_new_tokens, stop_ids, pick, penalty, seed, kv_dtype, embeds, images, compile)
 
+
+@torch.inference_mode()
+def _steps(model: Gemma, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int], pick: dict,
+           penalty: float | None, seed: int | None, kv_dtype: torch.dtype | None, embeds: Tensor | None,
+           images: Tensor | None, compile: bool) -> Iterator[list[int | None]]:
     device = model.model.embed_tokens.weight.device
     tokens, positions = left_pad(prompts, device)
     b, longest = tokens.shape
     image_mask = None
     if images is not None or (embeds is None and model.config.image_token_id is not None):
-        if embeds is not None:
-            raise ValueError("pass images or embeds, not both")
         # Images (or a vision model's prompts): soft tokens spliced in, attending bidirectionally per image.
         embeds, image_mask = embed_with_images(model, tokens, images)
     if embeds is not None and embeds.shape[:2] != (b, longest):
@@ -141,27 +159,192 @@ def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, sto
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
 
     # Prefill: the LM head only on the last column (left padding puts every prompt's end there).
     h = model.hidden(None if embeds is not None else tokens, positions, cache, embeds=embeds, image_mask=image_mask)
     logits = model.logits(h[:, -1])
+    seen = None
+    if penalty is not None:  # ids present so far per sequence (the prompt's, not the padding's)
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            seen[i, torch.tensor(p, device=device)] = True
     if compile:  # the compiled step needs the fused matrix-vector products (a no-op when quantized)
         fuse_decode(model)
     step = decode_fn(model, compile)
     next_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None]
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
+    rows = torch.arange(b, device=device)
     for i in range(max_new_tokens):
-        new = sample(logits, **pick)
+        if seen is not None:
+            logits = repetition_penalty(logits, seen, penalty)
+        new = sample(logits, generator=generator, **pick)
         out: list[int | None] = [None if d else t for t, d in zip(new.tolist(), done.tolist())]
         yield out
         done |= torch.isin(new, stops)
         if bool(done.all()) or i == max_new_tokens - 1:
             return
+        if seen is not None:
+            seen[rows, new] = True
         # Finished sequences keep stepping (their outputs are ignored) so the batch keeps one shape.
         logits = step(new[:, None], next_pos, cache)
         next_pos = next_pos + 1
+
+
+# -- text: ids -> text with stop strings, as the CLI (and a server) show it ------------------------------
+
+@dataclass
+class Completion:
+    """One prompt's generated text and what it took. Finish reasons are OpenAI's terms."""
+
+    text: str  # without the stop id's text or the stop string
+    finish_reason: str  # "stop" (a stop id or a stop string ended it) or "length" (max_new_tokens reached)
+    prompt_tokens: int  # ids fed in, <bos> and image soft tokens included
+    completion_tokens: int  # ids generated: a final stop id counts, nothing after a stop string does
+    prefill_seconds: float  # from the start to the first new token (shared by a batch)
+    decode_seconds: float  # from the first new token to this sequence's last
+
+
+@dataclass
+class TextChunk:
+    """New text of prompt `index`, safe to show now; the prompt's last chunk carries its Completion."""
+
+    index: int
+    text: str
+    completion: Completion | None = None
+
+
+def check_stop(stop: str | Sequence[str]) -> tuple[str, ...]:
+    """Stop strings as a tuple (one string is one stop string, as in OpenAI's `stop`); an empty one is a
+    ValueError (it would match before any text)."""
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"a stop string must be a non-empty string, got {stop!r}")
+    return stop
+
+
+def _partial_stop(text: str, stop: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that some stop string starts with (and is longer than)."""
+    return max((k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:])),
+               default=0)
+
+
+class TextStream:
+    """One sequence's ids, pushed one at a time, as text that is safe to show.
+
+    Ends at a stop id (its text is not shown) or at the first stop string (neither it nor anything after
+    it is shown). While the decoded text ends in what may be the start of a stop string, only that tail
+    is held back; a multi-byte character is shown once complete (the tokenizer's stream()). The
+    tokenizer is duck-typed: `stream()` (push(id) -> str, flush() -> str) and `stop_ids`.
+    """
+
+    def __init__(self, tokenizer, stop: str | Sequence[str] = (), stop_ids: Sequence[int] | None = None) -> None:
+        self.stop = check_stop(stop)
+        self.stop_ids = frozenset(tokenizer.stop_ids if stop_ids is None else stop_ids)
+        self.text = ""  # shown so far
+        self.tokens = 0  # ids pushed
+        self.finish_reason: str | None = None
+        self._decoder = tokenizer.stream()
+        self._held = ""  # decoded, not shown yet
+
+    def push(self, token_id: int) -> str:
+        """Text to show after `token_id` ("" while held back); sets finish_reason at a stop."""
+        if self.finish_reason is not None:
+            raise ValueError("this text stream has finished")
+        self.tokens += 1
+        if token_id in self.stop_ids:
+            return self.finish("stop")
+        self._held += self._decoder.push(token_id)
+        return self._release(None)
+
+    def finish(self, reason: str = "length") -> str:
+        """End the stream with `reason` unless it has ended: the rest of the text, held tail included."""
+        if self.finish_reason is not None:
+            return ""
+        self._held += self._decoder.flush()
+        return self._release(reason)
+
+    def _release(self, reason: str | None) -> str:
+        # A stop string cannot begin in text already shown (its start would have been held back), so
+        # only the held text is searched.
+        cut = min((i for s in self.stop if (i := self._held.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            out, self._held, self.finish_reason = self._held[:cut], "", "stop"
+        elif reason is not None:
+            out, self._held, self.finish_reason = self._held, "", reason
+        else:
+            keep = len(self._held) - _partial_stop(self._held, self.stop)
+            out, self._held = self._held[:keep], self._held[keep:]
+        self.text += out
+        return out
+
+
+def stream_text(model: Gemma, tokenizer, prompts: list[list[int]], max_new_tokens: int, *,
+                stop: str | Sequence[str] = (), **sampling) -> Iterator[TextChunk]:
+    """Generate from token-id `prompts` as one batch and yield text chunks as they become safe to show.
+
+    Each prompt gets chunks in order (`index` says whose), ending with one that carries its Completion;
+    generation stops once every prompt has finished (a stop id, a stop string or `max_new_tokens`).
+    `tokenizer`: duck-typed, `stream()` and `stop_ids` (see TextStream). `sampling`: the keyword
+    arguments of `generate` (temperature, top_k, top_p, min_p, repetition_penalty, seed, images, ...).
+    Raises ValueError here, before any model work, for a bad argument.
+    """
+    streams = [TextStream(tokenizer, stop) for _ in prompts]
+    steps = generate(model, prompts, max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
+    return _chunks(steps, streams, [len(p) for p in prompts])
+
+
+def _chunks(steps: Iterator[list[int | None]], streams: list[TextStream],
+            prompt_lens: list[int]) -> Iterator[TextChunk]:
+    start = time.perf_counter()
+    first = now = start
+
+    def last(i: int, text: str) -> TextChunk:
+        s = streams[i]
+        return TextChunk(i, text, Completion(s.text, s.finish_reason, prompt_lens[i], s.tokens, first - start,
+                                             now - first))
+
+    try:
+        for n, step in enumerate(steps):
+            now = time.perf_counter()
+            if n == 0:
+                first = now
+            for i, token in enumerate(step):
+                if token is None or streams[i].finish_reason is not None:
+                    continue
+                text = streams[i].push(token)
+                if streams[i].finish_reason is not None:
+                    yield last(i, text)
+                elif text:
+                    yield TextChunk(i, text)
+            if all(s.finish_reason is not None for s in streams):
+                return  # every sequence stopped (a stop string does not stop the engine): stop decoding
+    finally:
+        steps.close()
+    for i, s in enumerate(streams):
+        if s.finish_reason is None:
+            yield last(i, s.finish("length"))
+
+
+def generate_text(model: Gemma, tokenizer, prompt: str | Sequence[str], max_new_tokens: int = 64, *,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  min_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
+                  stop: str | Sequence[str] = (), **kwargs) -> str | list[str]:
+    """The text generated after `prompt` (a list of prompts: a list of texts, generated as one batch).
+
+    Each prompt is encoded with `tokenizer.encode` (which adds `<bos>`); generation ends at a stop id, at
+    the first of the `stop` strings (not included in the text) or after `max_new_tokens`. Greedy unless
+    `temperature` > 0; the other settings as in `generate` (whose other keyword arguments pass through).
+    """
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    ids = [tokenizer.encode(t) for t in texts]
+    out = [""] * len(ids)
+    for chunk in stream_text(model, tokenizer, ids, max_new_tokens, stop=stop, temperature=temperature,
+                             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                             seed=seed, **kwargs):
+        if chunk.completion is not None:
+            out[chunk.index] = chunk.completion.text
+    return out[0] if isinstance(prompt, str) else out
 
 
 # -- memory planning ---------------------------------------------------------------------------------

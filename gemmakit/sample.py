@@ -47,6 +47,34 @@ def min_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(logits.float() < floor, float("-inf"))
 
 
+def repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's repetition penalty as transformers applies it: for ids already in the sequence (`seen`,
+    a bool mask [B, V] over the prompt and the generated ids) a positive logit is divided by `penalty`,
+    a negative one multiplied, so penalty > 1 always makes a repeat less likely. 1 changes nothing."""
+    if not penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+    x = logits.float()
+    return torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+
+
+def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   min_p: float | None = None, repetition_penalty: float | None = None) -> None:
+    """Raise ValueError naming the first out-of-range setting, before any model work is done.
+
+    Each message starts with the keyword's name (e.g. "top_p must be in (0, 1], got 1.5").
+    """
+    if not temperature >= 0:  # `not >=` also catches NaN
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if repetition_penalty is not None and not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
 # sample()'s keyword arguments shadow the filter names inside it.
 _top_k, _top_p, _min_p = top_k, top_p, min_p
 
@@ -56,9 +84,9 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, t
     """Next ids [B] from logits [B, V]. temperature 0 is greedy (the filters cannot change the argmax).
 
     Order as in most samplers: temperature, then top-k, top-p, min-p, then one categorical draw.
+    Settings out of range raise ValueError (check_sampling), even those greedy decoding ignores.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k, top_p, min_p)
     if temperature == 0.0:
         return greedy(logits)
     x = logits.float() / temperature

@@ -167,3 +167,150 @@ def test_compiled_decode_follows_a_model_changed_in_place(name):
     assert run(model, PROMPTS, 6, compile=True) == run(model, PROMPTS, 6)
     model = tiny(name).to(torch.bfloat16)
     assert run(model, PROMPTS, 6, compile=True) == run(model, PROMPTS, 6)
+
+
+# -- arguments, repetition penalty ---------------------------------------------------------------------
+
+def test_generate_checks_its_arguments_when_called_not_at_the_first_step():
+    # So that a caller (the CLI) can validate before printing anything.
+    model = tiny()
+    for kw, message in ((dict(max_new_tokens=5, prompts=[[2] * 60]), "context length of 64"),
+                        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+                        (dict(temperature=-1.0), "temperature must be >= 0"),
+                        (dict(top_p=1.5), "top_p must be in"),
+                        (dict(top_k=0), "top_k must be >= 1"),
+                        (dict(min_p=-0.1), "min_p must be in"),
+                        (dict(repetition_penalty=-1.0), "repetition_penalty must be > 0")):
+        args = dict(prompts=[[2, 5]], max_new_tokens=4) | kw
+        with pytest.raises(ValueError, match=message):
+            generate(model, **args)  # no next(): the call itself raises
+
+
+def reference_penalized_greedy(model, prompt, n, penalty):
+    """Greedy with CTRL's penalty over the prompt and the output so far, by full forwards (transformers' rule)."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq]))[0, -1].float()
+            seen = sorted(set(seq))
+            x = logits[seen]
+            logits[seen] = torch.where(x > 0, x / penalty, x * penalty)
+            seq.append(int(logits.argmax()))
+    return seq[len(prompt):]
+
+
+def test_repetition_penalty_counts_the_prompt_and_the_output_but_not_the_padding():
+    model = tiny()
+    refs = [reference_penalized_greedy(model, p, 8, 1.8) for p in PROMPTS]
+    plain = run(model, PROMPTS, 8)
+    assert refs != plain  # the penalty changes the text
+    assert run(model, PROMPTS, 8, repetition_penalty=1.8) == refs  # batched: left padding (id 0) not counted
+    assert run(model, PROMPTS, 8, repetition_penalty=1.0) == plain
+
+
+# -- text level: stop strings, held-back tails, finish reasons, generate_text ---------------------------
+
+class PieceTokenizer:
+    """Duck-typed tokenizer for the text layer: id i shows as PIECES[i] (<eos> = 1 shows nothing)."""
+
+    PIECES = ["", "", "", "Hel", "lo", " wo", "rld", "!", "o w", "x", "é"]
+    stop_ids = (1,)
+
+    class _Stream:
+        def push(self, i):
+            return PieceTokenizer.PIECES[i]
+
+        def flush(self):
+            return ""
+
+    def stream(self):
+        return self._Stream()
+
+
+def test_text_stream_holds_back_only_what_may_start_a_stop_string():
+    from gemmakit.engine import TextStream
+
+    s = TextStream(PieceTokenizer(), stop=["o world", "xyz"])
+    assert s.push(3) == "Hel"
+    assert s.push(4) == "l"  # "o" may start "o world": held back
+    assert s.push(5) == ""  # "o wo" still may
+    assert s.push(6) == "" and s.finish_reason == "stop"  # "o world": stop, nothing after it shown
+    assert s.text == "Hell" and s.tokens == 4
+    with pytest.raises(ValueError, match="finished"):
+        s.push(7)
+
+    s = TextStream(PieceTokenizer(), stop=["o world"])
+    assert [s.push(i) for i in (3, 4, 5, 7)] == ["Hel", "l", "", "o wo!"]  # "o wo!" cannot become a stop
+    assert s.push(4) == "l" and s.finish() == "o" and s.finish_reason == "length"  # a held tail ends shown
+    assert s.text == "Hello wo!lo"
+
+    s = TextStream(PieceTokenizer(), stop=["x"])
+    assert s.push(3) == "Hel" and s.push(1) == "" and s.finish_reason == "stop" and s.text == "Hel"  # <eos>
+    s = TextStream(PieceTokenizer(), stop=["o w", "lo w"])  # "Hello wo": the earliest match wins
+    assert [s.push(i) for i in (3, 4, 5)] == ["He", "l", ""] and s.finish_reason == "stop" and s.text == "Hel"
+    with pytest.raises(ValueError, match="non-empty"):
+        TextStream(PieceTokenizer(), stop=[""])
+    assert TextStream(PieceTokenizer(), stop="lo").stop == ("lo",)  # one string: one stop string, as in OpenAI's API
+
+
+class LetterTokenizer:
+    """id i <-> the letter chr(97 + i % 26); <bos> = 2, <eos> = 1."""
+
+    stop_ids = (1,)
+
+    def encode(self, text):
+        return [2] + [ord(c) - 97 + 26 for c in text]
+
+    def stream(self):
+        tok = self
+
+        class Stream:
+            def push(self, i):
+                return tok.letters([i])
+
+            def flush(self):
+                return ""
+        return Stream()
+
+    @staticmethod
+    def letters(ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_stream_text_stops_each_prompt_at_its_stop_string_and_reports_it():
+    from gemmakit.engine import stream_text
+
+    model, tok = tiny(), LetterTokenizer()
+    refs = [tok.letters(reference_greedy(model, p, 12)) for p in PROMPTS]
+    stop = refs[0][4:6]  # a stop string the first prompt's text reaches at character 4 (or earlier)
+    cut = refs[0].index(stop)
+    chunks = list(stream_text(model, tok, PROMPTS, 12, stop=[stop]))
+    done = {c.index: c.completion for c in chunks if c.completion is not None}
+    for i, ref in enumerate(refs):
+        text = "".join(c.text for c in chunks if c.index == i)
+        assert done[i].text == text
+        if stop in ref:
+            k = ref.index(stop)
+            assert text == ref[:k] and done[i].finish_reason == "stop"
+            assert done[i].completion_tokens == k + len(stop)  # the tokens up to the stop's last one
+        else:
+            assert text == ref and done[i].finish_reason == "length" and done[i].completion_tokens == 12
+        assert done[i].prompt_tokens == len(PROMPTS[i])
+        assert done[i].prefill_seconds > 0 and done[i].decode_seconds >= 0
+    assert done[0].text == refs[0][:cut]
+
+
+def test_generate_text_returns_text_for_a_prompt_or_a_list_of_prompts():
+    import gemmakit
+    from gemmakit.engine import generate_text
+
+    assert gemmakit.generate_text is generate_text  # exported from the package
+    model, tok = tiny(), LetterTokenizer()
+    prompts = ["hello", "ab"]
+    refs = [tok.letters(reference_greedy(model, tok.encode(p), 8)) for p in prompts]
+    assert generate_text(model, tok, "hello", max_new_tokens=8) == refs[0]
+    assert generate_text(model, tok, prompts, max_new_tokens=8) == refs
+    stop = refs[1][3:5]
+    assert generate_text(model, tok, prompts, max_new_tokens=8, stop=[stop]) == [r.split(stop)[0] for r in refs]
+    sampled = generate_text(model, tok, prompts, max_new_tokens=8, temperature=1.0, min_p=0.05, seed=1)
+    assert len(sampled) == 2 and all(isinstance(t, str) for t in sampled)

@@ -62,3 +62,29 @@ def test_sampling_respects_filters_and_temperature():
     assert (cold == 0).all()
     with pytest.raises(ValueError, match="temperature"):
         S.sample(logits, temperature=-1.0)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_ids():
+    # CTRL (Keskar et al. 2019) as transformers' RepetitionPenaltyLogitsProcessor applies it.
+    logits = torch.tensor([[2.0, -1.0, 3.0, -4.0], [2.0, -1.0, 3.0, -4.0]])
+    seen = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    out = S.repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 3.0, -4.0], [2.0, -1.0, 1.5, -8.0]]
+    assert torch.equal(S.repetition_penalty(logits, seen, 1.0), logits)
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+        S.repetition_penalty(logits, seen, 0.0)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(temperature=-1.0), "temperature must be >= 0, got -1.0"),
+    (dict(temperature=float("nan")), "temperature must be >= 0"),
+    (dict(top_k=0), "top_k must be >= 1, got 0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(min_p=2.0), r"min_p must be in \[0, 1\], got 2.0"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0, got 0.0"),
+])
+def test_check_sampling_names_the_bad_setting(kw, message):
+    with pytest.raises(ValueError, match=message):
+        S.check_sampling(**kw)
+    S.check_sampling(temperature=0.7, top_k=1, top_p=1.0, min_p=0.0, repetition_penalty=1.0)  # edges are fine
