@@ -7,6 +7,7 @@ problem; `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -107,9 +108,33 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", default=None,
                    help="GGUF file, HF directory, hub id, or `default` (the embedded Gemma 3 270M, the default)")
-    s.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="compute dtype (default float32)")
+    s.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+                   help="compute dtype (default float32; bfloat16 with --quantize, whose int8/int4 kernels are "
+                        "fast with bf16 activations)")
     s.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="weight-only quantization: int8 per channel or int4 in groups of 32 (default: none)")
+    s.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter directory, folded into the weights at load (default: none)")
+
+
+# Models below this size decode eagerly unless --compile is given: their steps take milliseconds anyway,
+# and a first compilation costs a minute (every published Gemma is above it: the smallest has 268M).
+COMPILE_MIN_PARAMS = 100_000_000
+
+
+def _add_compile_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode with the compiled step (the default for models of 100M parameters or more, every "
+                        "published Gemma): the first run of a model, dtype, quantization, batch and thread count on "
+                        "a machine compiles it once (a note on stderr says about how long: a minute or two for the "
+                        "embedded model) into gemmakit's cache, and later runs load it in a fraction of a second. "
+                        "--no-compile decodes eagerly")
+
+
+def _compile(args: argparse.Namespace, model) -> bool:
+    """--compile / --no-compile, or when neither is given, whether the model is large enough to gain."""
+    choice = getattr(args, "compile", False)
+    return choice if choice is not None else sum(model.config.param_counts().values()) >= COMPILE_MIN_PARAMS
 
 
 def _add_sampling_args(s: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -169,7 +194,12 @@ def _load(args: argparse.Namespace):
 
     from gemmakit import hub
 
-    model, tokenizer = hub.load(args.model, dtype=getattr(torch, _DTYPES[args.dtype]))
+    dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
+    model, tokenizer = hub.load(args.model, dtype=getattr(torch, _DTYPES[dtype]))
+    if args.adapter:  # before quantizing: the adapter's update is added to the float weights
+        from gemmakit.adapters import load_adapter
+
+        load_adapter(model, args.adapter)
     if args.quantize:
         from gemmakit.quant import quantize
 
@@ -182,7 +212,7 @@ def _stream(model, tokenizer, ids: list[int], args: argparse.Namespace, out=None
     from gemmakit.engine import stream_text
 
     chunks = stream_text(model, tokenizer, [ids], args.max_new_tokens, stop=getattr(args, "stop", ()),
-                         images=images, **_sampling(args))
+                         images=images, compile=_compile(args, model), **_sampling(args))
     return _write_chunks(chunks, out or sys.stdout).text
 
 
@@ -294,7 +324,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model, tokenizer = _load(args)
     ids = [vision.prompt_ids(tokenizer.encode, model.config, p, crops) for p in prompts]  # <bos> + images + prompt
     chunks = stream_text(model, tokenizer, ids, args.max_new_tokens, stop=args.stop, images=pixels,
-                         **_sampling(args))  # raises here for a prompt too long for the context
+                         compile=_compile(args, model), **_sampling(args))  # raises here for a prompt too long for the context
     if args.json or args.batch is not None:  # whole texts, in input order
         done = [None] * len(prompts)
         for c in chunks:
@@ -304,9 +334,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
             sys.stdout.write(_completion_json(c) + "\n" if args.json
                              else ("" if args.no_echo else prompt) + c.text + "\n")
         return
+    # The first chunk before the echo: the prefill, and loading (or building, with a note on stderr) the
+    # compiled step, come before any output, so that a note never lands in the middle of the text.
+    first = next(chunks, None)
     if not args.no_echo:
         sys.stdout.write(prompts[0])
-    _write_chunks(chunks, sys.stdout)
+    _write_chunks(itertools.chain([first] if first else [], chunks), sys.stdout)
     sys.stdout.write("\n")
 
 
@@ -384,6 +417,14 @@ def _add_training_parsers(sub) -> None:
                    help="documents held out for validation, by a hash of their name (default 0.1)")
     s.add_argument("--val-files", nargs="*", default=None,
                    help="hold out the documents of these file names instead (default: by --val-fraction)")
+    s.add_argument("--chat", action="store_true", help="the inputs are conversations for `gemmakit sft`: .jsonl "
+                   "lines {\"messages\": [{\"role\": ..., \"content\": ...}]}, rendered with the model's chat "
+                   "template, with a loss mask on the model turns")
+    s.add_argument("--seq-len", type=int, default=None, help="with --chat: conversations longer than this many "
+                   "tokens are dropped and counted, never split (no default: --chat needs it)")
+    s.add_argument("--on-error", choices=("skip", "fail"), default="fail", help="with --chat: a bad line (invalid "
+                   "JSON, unknown role, turns out of order, empty conversation) stops the run (fail, default) or is "
+                   "reported with its file:line and left out (skip)")
     s.set_defaults(func=cmd_data)
 
     s = sub.add_parser("train", help="train or fine-tune a model on prepared data")
@@ -417,10 +458,34 @@ def _add_training_parsers(sub) -> None:
     commands.add_train_options(s)
     s.set_defaults(func=cmd_distill)
 
+    s = sub.add_parser("sft", help="supervised fine-tuning on chat data (loss on the model turns only)")
+    s.add_argument("--model", required=True, help=f"model to fine-tune: GGUF file, HF directory, hub id or {default}")
+    commands.add_train_options(s)
+    s.set_defaults(func=commands.sft_cmd, seq_len=None)  # None: the --seq-len the chat data was prepared with
+    for action in s._actions:
+        if action.dest == "seq_len":
+            action.help = "tokens per packed sequence (default: the data's --seq-len)"
+        if action.dest == "mask_documents":
+            action.help = "always on for chat data (conversations are packed with document masking)"
+
+    from gemmakit.train import merge
+
+    s = sub.add_parser("merge", help="merge checkpoints: average, task arithmetic, SLERP, interpolation to the base")
+    merge.add_merge_options(s)
+    s.set_defaults(func=merge.merge_cmd)
+
+    s = sub.add_parser("merge-adapter", help="fold a PEFT LoRA adapter into a model and save it")
+    merge.add_merge_adapter_options(s)
+    s.set_defaults(func=merge.merge_adapter_cmd)
+
+
+_THREADS_HELP = "threads torch computes with, set before anything loads (default: torch's own, one per core)"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gemmakit", description="Run, fine-tune and distill Gemma 1/2/3 models.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors (also after the command)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help=_THREADS_HELP)
     p.add_argument("--version", action="version", version=f"gemmakit {_version()}",
                    help="print the installed version and exit")
     sub = p.add_subparsers(dest="command", required=True)
@@ -451,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "<start_of_image>, or before the text if it says nothing")
     _add_image_args(s)
     _add_model_args(s)
+    _add_compile_arg(s)
     _add_sampling_args(s, 64)
     s.set_defaults(func=cmd_generate)
 
@@ -458,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="system prompt (Gemma 3 only; default: none)")
     _add_image_args(s)
     _add_model_args(s)
+    _add_compile_arg(s)
     _add_sampling_args(s, 256)
     s.set_defaults(func=cmd_chat)
 
@@ -466,7 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="output directory (must not exist or be empty)")
     s.set_defaults(func=cmd_convert)
 
-    s = sub.add_parser("perplexity", help="perplexity of a model on a UTF-8 text file")
+    s = sub.add_parser("perplexity", help="perplexity of a model on a UTF-8 text file",
+                       description="Perplexity of a model on a UTF-8 text file. It runs the model over windows of "
+                                   "the text in chunks (a prefill, no token-by-token decoding), eagerly: there is "
+                                   "no decode step to compile, hence no --compile. With --quantize the products "
+                                   "use torch's int8/int4 kernels.")
     s.add_argument("file", help="UTF-8 text file to score (- reads stdin); tokenized as plain text, no <bos>")
     s.add_argument("--context", type=int, default=None,
                    help="window length in tokens, >= 2 (non-overlapping; default: the whole file if it fits, "
@@ -475,18 +546,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_perplexity)
     _add_training_parsers(sub)
     _add_debug_everywhere(p)
+    _add_everywhere(p, "--threads", type=int, default=argparse.SUPPRESS, metavar="N", help=_THREADS_HELP)
     return p
 
 
 def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
-    """`--debug` after any (sub)command too. SUPPRESS: absent there, it leaves the top-level value alone."""
+    """`--debug` after any (sub)command too."""
+    _add_everywhere(parser, "--debug", action="store_true", default=argparse.SUPPRESS,
+                    help="show full tracebacks on errors")
+
+
+def _add_everywhere(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+    """`flag` after any (sub)command too (kwargs: its add_argument keywords, default SUPPRESS so that
+    absent there, it leaves the top-level value alone)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in {id(s): s for s in action.choices.values()}.values():  # aliases share a parser
-                if "--debug" not in sub._option_string_actions:
-                    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                                     help="show full tracebacks on errors")
-                _add_debug_everywhere(sub)
+                if flag not in sub._option_string_actions:
+                    sub.add_argument(flag, **kwargs)
+                _add_everywhere(sub, flag, **kwargs)
+
+
+def _set_threads(n: int | None) -> None:
+    """--threads: torch's intra-op threads, set before anything is loaded or computed."""
+    if n is None:
+        return
+    _at_least("--threads", n, 1)
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _version() -> str:
@@ -511,6 +599,7 @@ def _message(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _set_threads(args.threads)
         args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -4,7 +4,8 @@
 ids into text with stop strings (what the CLI prints), `generate_text` returns that text. Prompts are left
 padded (padding gets position -1, which the model's mask hides), prefilled in one pass, then decoded
 one token per step for the whole batch. The decode step can be compiled (`compile=True`): every step
-has the same shapes and the caches advance in place, so torch.compile traces it once.
+has the same shapes and the caches advance in place, so it is compiled once per machine for a model
+layout, batch and cache bucket (gemmakit.compiled) and loaded in later processes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from gemmakit.cache import make_cache
+from gemmakit.compiled import compiled_step, decode_step
 from gemmakit.model import Gemma
 from gemmakit.quant import fuse_decode
 from gemmakit.sample import check_sampling, repetition_penalty, sample
@@ -46,51 +48,20 @@ def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str = "cpu
     return tokens.to(device), positions.to(device)
 
 
-def _decode_step(model: Gemma, token: Tensor, pos: Tensor, cache: list, layout: int = 0) -> Tensor:
-    """Logits [B, V] in fp32 of one new token per sequence (token, pos: [B, 1]).
-
-    fp32 because the compiled step converts for free, whereas an eager argmax over 262,144 bf16
-    logits took 1 ms per token, 4% of a bf16 decode step. `layout`: see decode_fn.
-    """
-    if layout < 0:  # never true; reading `layout` is what makes torch.compile guard on its value
-        raise ValueError(f"bad layout key {layout}")
-    return model(token, pos, cache)[:, -1].float()
-
-
-_compiled: dict[int, Callable] = {}
-_layouts: dict[tuple, int] = {}
 COMPILE_BUCKET = 512  # cache lengths are multiples of this when compiling: fewer distinct shapes
 
 
-def _skip_module_guards(guards: list) -> list[bool]:
-    return [not g.orig_guard.source.is_unspecialized_nn_module() for g in guards]
-
-
-def model_layout(model: Gemma) -> int:
-    """A small int that changes whenever anything a compiled step specializes on changes: the config,
-    the module tree (a quantized swap) and every weight's dtype, shape, stride and device."""
-    key = (repr(model.config),
-           tuple((name, type(m)) for name, m in model.named_modules()),
-           tuple((name, t.dtype, t.shape, t.stride(), t.device)
-                 for name, t in [*model.named_parameters(), *model.named_buffers()]))
-    return _layouts.setdefault(key, len(_layouts))
-
-
-def decode_fn(model: Gemma, compile: bool) -> Callable[[Tensor, Tensor, list], Tensor]:
-    """The decode step for `model`, (token, pos, cache) -> logits: eager, or compiled once per process
-    (dynamic=False: shapes never change) with a graph per model layout, batch and cache length."""
-    if not compile:
-        return lambda token, pos, cache: _decode_step(model, token, pos, cache)
-    if 0 not in _compiled:
-        # Past dynamo's recompile limit (8) the step would silently run eagerly, which for quantized
-        # weights means dequantizing every matrix per token.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        # Checking the model's ~4,500 module and weight guards took 1 ms per token (6% of an int8 step).
-        # They are skipped; the layout key, computed once per generate call, guards the same facts.
-        _compiled[0] = torch.compile(_decode_step, dynamic=False, fullgraph=True,
-                                     options={"guard_filter_fn": _skip_module_guards})
-    layout = model_layout(model)
-    return lambda token, pos, cache: _compiled[0](model, token, pos, cache, layout)
+def decode_fn(model: Gemma, compile: bool, cache: list) -> Callable[[Tensor, Tensor, list], Tensor]:
+    """The decode step (token, pos, cache) -> logits [B, V] fp32 for caches shaped like `cache`: eager,
+    or compiled (gemmakit.compiled: a package built once per machine, then loaded; eager if it cannot
+    be built). Compiling swaps in the fused decode products first (quant.fuse_decode, in place)."""
+    if compile:
+        fuse_decode(model)  # the compiled step needs the fused matrix-vector products (a no-op when quantized)
+        example = torch.zeros(cache[0].k.shape[0], 1, dtype=torch.long, device=cache[0].k.device)
+        step = compiled_step(model, cache, example, example)
+        if step is not None:
+            return step
+    return lambda token, pos, cache: decode_step(model, token, pos, cache)
 
 
 def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, stop_ids: Sequence[int] = (),
@@ -107,6 +78,9 @@ def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, sto
     model's dtype. Sampling uses `seed` through its own generator: the same seed gives the same tokens.
     `repetition_penalty` (CTRL's, as transformers applies it; see sample.repetition_penalty) counts every
     id of the prompt and of the text generated so far, also when decoding greedily.
+    `compile`: decode with the compiled step (see decode_fn and gemmakit.compiled; the first use of a
+    model layout, batch and cache bucket on a machine builds it, with a note on stderr); the tokens and
+    logits equal eager decoding's (fp32 logits within 1e-5). The prefill always runs eagerly.
 
     Arguments are checked when this is called, before any model work: ValueError names the first bad
     one (empty prompt, a setting out of range, a prompt that does not fit the context, ...).
@@ -168,9 +142,9 @@ def _steps(model: Gemma, prompts: list[list[int]], max_new_tokens: int, stop_ids
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seen[i, torch.tensor(p, device=device)] = True
-    if compile:  # the compiled step needs the fused matrix-vector products (a no-op when quantized)
-        fuse_decode(model)
-    step = decode_fn(model, compile)
+    # Made (a compiled one loaded or built) before the first token is yielded, so that its note on stderr
+    # comes before any text; a single new token needs no step.
+    step = decode_fn(model, compile, cache) if max_new_tokens > 1 else None
     next_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None]
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)

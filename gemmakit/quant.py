@@ -7,8 +7,10 @@ Activations stay in the model's dtype. Each module's `forward` has two paths:
 - few rows (decode): a multiply-sum per input row with the dequantization inside it. Under
   torch.compile the rows' reductions become one fused loop that reads the integer weights once, so
   decoding streams the small weights rather than a dequantized copy.
-- many rows (prefill): dequantize the matrix once (a temporary in the compute dtype) and use the
-  BLAS matmul, which is faster than any fused kernel when the weight is reused across many tokens.
+- eager (prefill, perplexity, `--no-compile` decoding): torch's own CPU kernels for quantized weights,
+  `aten._weight_int8pack_mm` (int8) and `aten._weight_int4pack_mm_for_cpu` (int4, on a copy of the
+  weights in torch's packed layout, made once), which read the integer weights directly. Where they
+  are slower (see `_library`), dequantize the matrix a block at a time and use the BLAS matmul.
 
 int8: symmetric per output channel, w = q * scale[row], q in [-127, 127].
 int4: asymmetric per group of `group` inputs, w = q * scale + low, q in [0, 15]; two values per byte,
@@ -37,6 +39,21 @@ def _fuse(x: Tensor) -> bool:
     """Take the fused path? Only under torch.compile: run eagerly, the broadcast would materialize
     the whole [rows, out, in] product."""
     return torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= DECODE_ROWS
+
+
+# Rows up to which torch's int8/int4 kernels beat dequantize-then-BLAS, per activation dtype. Measured
+# side by side in one process on the 2-core AVX-512 (avx512_bf16) machine, Gemma 3 270M shapes (see
+# the issue 14 report): with bf16 activations they won at every row count measured for [2048, 640] and
+# [640, 2048] (1 row: 0.04-0.1 ms against 0.4-4 ms dequantized), with fp32 activations only for
+# decoding (their fp32 loop is not vectorized: 256 rows took 10x longer than dequantize + BLAS).
+LIBRARY_ROWS = {torch.bfloat16: 1 << 30, torch.float32: DECODE_ROWS}
+
+
+def _library(x: Tensor) -> bool:
+    """Use torch's int8/int4 kernels for x? Eagerly on the CPU, without autograd (they have no
+    backward), for the dtypes and row counts where they were measured faster (LIBRARY_ROWS)."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and not x.requires_grad
+            and x.numel() // max(x.shape[-1], 1) <= LIBRARY_ROWS.get(x.dtype, 0))
 
 
 def _blocked(x: Tensor, out_features: int, rows: Callable[[int, int], Tensor], multiple: int = 1) -> Tensor:
@@ -145,7 +162,13 @@ class Int8Linear(nn.Module):
         return _per_row(x, lambda row: (w * row).sum(-1) * scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fused(x) if _fuse(x) else _blocked(x, self.out_features, self.dequantize)
+        if _fuse(x):
+            return self.fused(x)
+        if _library(x):  # y = x @ (q * scale).T with q read as int8; scale in x's dtype, as the kernel wants
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight,
+                                                  self.scale.to(x.dtype))
+            return y.view(*x.shape[:-1], self.out_features)
+        return _blocked(x, self.out_features, self.dequantize)
 
 
 # -- int4 -------------------------------------------------------------------------------------------
@@ -208,7 +231,40 @@ class Int4Linear(nn.Module):
         return _per_row(x, product)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fused(x) if _fuse(x) else _blocked(x, self.out_features, self.dequantize)
+        if _fuse(x):
+            return self.fused(x)
+        if _library(x) and self.out_features % 16 == 0:  # the kernel packs rows 16 at a time
+            packed, scales_and_zeros = self._torch_int4pack(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self.group,
+                                                           scales_and_zeros)
+            return y.view(*x.shape[:-1], self.out_features)
+        return _blocked(x, self.out_features, self.dequantize)
+
+    def _torch_int4pack(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The weights in the layout of torch's int4 CPU kernel: (packed [out, in/2] uint8, scales_and_zeros
+        [in/group, out, 2] in `dtype`), made on first use and kept (as much memory again as `weight`).
+
+        The same 4-bit values, converted exactly. The kernel computes w = (q - 8) * scale + zero, so
+        zero = low + 8 * scale (computed in fp32, one rounding to `dtype`). Rebuilt when a buffer is
+        written in place (load_state_dict) or replaced.
+        """
+        stamp = (dtype, *((t.data_ptr(), t._version) for t in (self.weight, self.scale, self.low)))
+        cached = self.__dict__.get("_int4pack")  # a plain attribute: not a buffer, never saved or moved
+        if cached is None or cached[0] != stamp:
+            with torch.inference_mode(False), torch.no_grad():
+                blocks = []
+                # A block at a time (int32 temporaries); the kernel's layout interleaves 64 rows at a time
+                # (blocks of 16 rows converted apart came out different), so other heights go whole.
+                n = self.out_features
+                for start, end in _row_blocks(n, self.in_features, 64 if n % 64 == 0 else n):
+                    lo, hi = _unpack_int4(self.weight[start:end])
+                    q = torch.cat([lo, hi], dim=-1).reshape(end - start, self.in_features).to(torch.int32)
+                    blocks.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+                scale, low = self.scale.float(), self.low.float()
+                sz = torch.stack([scale.T, (low + 8 * scale).T], dim=-1).to(dtype).contiguous()
+                cached = (stamp, torch.cat(blocks), sz)
+            self.__dict__["_int4pack"] = cached
+        return cached[1], cached[2]
 
 
 # -- tied embedding / LM head --------------------------------------------------------------------------

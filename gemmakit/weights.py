@@ -8,6 +8,7 @@ target and renames it into place, so a crash never leaves a half-written checkpo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -204,6 +205,49 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old)
 
 
+def check_replaceable(target: Path, marker: str) -> Path:
+    """`target` if a directory may be written there: absent, empty, or one of the same kind (it holds
+    `marker`, e.g. config.json), which is replaced. Raises FileExistsError for a file or another
+    non-empty directory (never ours to delete)."""
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not (target / marker).exists():
+        raise FileExistsError(f"{target} is a non-empty directory without {marker}; refusing to replace it")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """A temporary directory next to `target` to fill in the `with` block. When the block succeeds it
+    becomes `target` (directories 0755, files 0644: mkdtemp's are private 0700/0600, a model directory is
+    an ordinary, shareable one), replacing an existing `target` only then; when it fails it is removed
+    and `target` is left as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        for root, dirs, files in os.walk(tmp):
+            os.chmod(root, 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_state(state: dict[str, Tensor], directory: Path, max_shard_bytes: int = 5 * 10**9) -> None:
+    """`state` as model.safetensors in `directory`, or as shards with model.safetensors.index.json above
+    `max_shard_bytes` (the HF layout, names from huggingface_hub's splitter)."""
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes)
+    shards = split.filename_to_tensors.items()
+    for filename, keys in tqdm(shards, desc="writing shards", disable=len(shards) < 3):
+        save_file({k: state[k] for k in keys}, directory / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
 def save(model: Gemma, path: str | os.PathLike, dtype: torch.dtype | None = None,
          max_shard_bytes: int = 5 * 10**9, tokenizer: Tokenizer | None = None) -> Path:
     """Write config.json and model.safetensors (sharded with an index above `max_shard_bytes`) to the
@@ -216,11 +260,7 @@ def save(model: Gemma, path: str | os.PathLike, dtype: torch.dtype | None = None
     into transformers. The directory is 0755 and its files 0644, not mkdtemp's private 0700/0600.
     Raises FileExistsError when `path` is a file or a non-empty directory that is not a checkpoint.
     """
-    target = Path(path).expanduser()
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG).exists():
-        raise FileExistsError(f"{target} is a non-empty directory without {CONFIG}; refusing to replace it")
+    target = check_replaceable(Path(path).expanduser(), CONFIG)
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("the model is on the meta device (no weights to save); load or init_weights first")
 
@@ -230,26 +270,9 @@ def save(model: Gemma, path: str | os.PathLike, dtype: torch.dtype | None = None
         state = {("language_model." + k if k.startswith("model.") else k): v for k, v in state.items()}
     hf = to_hf(model.config)
     hf["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes)
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         (tmp / CONFIG).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-        shards = split.filename_to_tensors.items()
-        for filename, keys in tqdm(shards, desc="writing shards", disable=len(shards) < 3):
-            save_file({k: state[k] for k in keys}, tmp / filename, metadata={"format": "pt"})
-        if split.is_sharded:
-            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        write_state(state, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp, generation=model.config.generation)
-        # mkdtemp makes a private 0700 directory; a model directory is an ordinary, shareable one.
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

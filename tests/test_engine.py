@@ -124,48 +124,74 @@ def test_info_prints_the_plan(capsys):
     assert "2.9 GiB" in out and "15.5 GiB" in out and "5.3x smaller" in out
 
 
+@pytest.fixture(scope="module")
+def compile_home(tmp_path_factory):
+    """gemmakit's cache (where compiled steps are kept) in a temporary folder shared by this module's tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GEMMAKIT_HOME", str(tmp_path_factory.mktemp("home")))
+        yield
+
+
 @pytest.mark.slow
-def test_compiled_decode_equals_eager():
-    model = tiny()
+def test_compiled_decode_equals_eager(compile_home):
+    # Greedy tokens equal; the logits of every step within 1e-5 (fp32) from the same cache states. Gemma 2:
+    # soft-caps, local and global layers (Gemma 3 in the test below); each build costs most of a minute.
+    from gemmakit.cache import make_cache
+    from gemmakit.engine import decode_fn
+
+    model = tiny("gemma2-2b")
     assert run(model, PROMPTS, 10, compile=True) == run(model, PROMPTS, 10)
-    q = tiny()
-    from gemmakit.quant import quantize
+    caches = [make_cache(model.config, 3, 64) for _ in range(2)]  # batch 3, as above: the same package
+    steps = [decode_fn(model, compile, c) for compile, c in zip((True, False), caches)]
+    token = torch.tensor([[5], [17], [60]])
+    with torch.inference_mode():
+        for i in range(8):
+            compiled, eager = (step(token, torch.full((3, 1), i), c) for step, c in zip(steps, caches))
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+            token = eager.argmax(-1, keepdim=True)
 
-    quantize(q, "int8")
-    assert run(q, PROMPTS, 8, compile=True) == run(q, PROMPTS, 8)
 
-
-def test_model_layout_changes_with_what_a_compiled_step_specializes_on():
-    from gemmakit.engine import model_layout
+def test_package_key_changes_with_what_a_compiled_step_specializes_on():
+    from gemmakit.cache import make_cache
+    from gemmakit.compiled import package_key
     from gemmakit.quant import quantize
 
     a, b = tiny(), tiny()
-    assert model_layout(a) == model_layout(b)  # same config, modules and weight layouts: one graph serves both
-    assert model_layout(tiny("gemma2-2b")) != model_layout(a)
-    layout = model_layout(b)
+    cache = make_cache(a.config, 1, 64)
+    key = package_key(b, cache)
+    assert package_key(a, cache) == key  # same config, modules and weight layouts: one package serves both
+    assert package_key(a, make_cache(a.config, 2, 64)) != key  # another batch
+    assert package_key(a, make_cache(a.config, 1, 32)) != key  # another cache length
+    assert package_key(a, make_cache(a.config, 1, 64, torch.bfloat16)) != key  # another KV dtype
+    other = tiny("gemma2-2b")
+    assert package_key(other, make_cache(other.config, 1, 64)) != key
+    torch.set_num_threads(torch.get_num_threads() + 1)  # compiled into the kernels
+    try:
+        assert package_key(a, cache) != key
+    finally:
+        torch.set_num_threads(torch.get_num_threads() - 1)
     b.to(torch.bfloat16)
-    assert model_layout(b) != layout
-    layout = model_layout(b)
+    assert package_key(b, cache) != key
+    key = package_key(b, cache)
     quantize(b, "int8")
-    assert model_layout(b) != layout
+    assert package_key(b, cache) != key
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gemma3-270m", "gemma2-2b"])
-def test_compiled_decode_follows_a_model_changed_in_place(name):
-    # The compiled step skips dynamo's module guards; the layout key must still catch a swap of the
-    # same model object from float to quantized and to bf16.
+def test_compiled_decode_follows_a_model_changed_in_place(compile_home):
+    # One package per layout, the weights passed at every step: a model of the same layout with other
+    # weights must read its own, and a swap of the same model object (quantized, bf16) a new package.
     from gemmakit.quant import quantize
 
-    model = tiny(name)
+    model = tiny()
     assert run(model, PROMPTS, 6, compile=True) == run(model, PROMPTS, 6)
-    other = tiny(name)  # same layout, so the same graph, but other weights: it must read its own
+    other = tiny()  # same layout, so the same package, but other weights: it must read its own
     with torch.no_grad():
         other.model.embed_tokens.weight.copy_(other.model.embed_tokens.weight.roll(1, dims=0))
     assert run(other, PROMPTS, 6, compile=True) == run(other, PROMPTS, 6) != run(model, PROMPTS, 6)
     quantize(model, "int8")
     assert run(model, PROMPTS, 6, compile=True) == run(model, PROMPTS, 6)
-    model = tiny(name).to(torch.bfloat16)
+    model = tiny().to(torch.bfloat16)
     assert run(model, PROMPTS, 6, compile=True) == run(model, PROMPTS, 6)
 
 

@@ -210,3 +210,38 @@ def test_invalid_utf8_argv_in_a_process(tiny_dir):
                        capture_output=True, timeout=120, env=env)
     assert r.returncode == 1 and r.stdout == b""
     assert r.stderr == b"gemmakit: error: the prompt is not valid UTF-8 (byte 3)\n"
+
+
+def test_adapter_option_folds_a_peft_adapter_into_the_model(tiny_dir, tmp_path, capsys):
+    """`--adapter DIR` (generate, chat, perplexity) gives what the merged model gives, and the adapter matters."""
+    from gemmakit.train.lora import apply_lora, merge_lora, save_adapter
+
+    model, tok = load(str(tiny_dir))
+    apply_lora(model, rank=4, alpha=8, targets=("q_proj", "down_proj"))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.5, generator=g)
+    save_adapter(model, tmp_path / "adapter")
+    merge_lora(model)
+    weights.save(model, tmp_path / "merged", tokenizer=tok)
+    plain = _run(tiny_dir, capsys, PROMPT)
+    assert main(["generate", PROMPT, "--model", str(tiny_dir), "--adapter", str(tmp_path / "adapter"),
+                 "--max-new-tokens", str(N)]) == 0
+    adapted = capsys.readouterr().out
+    assert adapted == _run(tmp_path / "merged", capsys, PROMPT) and adapted != plain
+    assert "adapter" in _error(["generate", PROMPT, "--model", str(tiny_dir), "--adapter", str(tmp_path / "nope")],
+                               capsys)
+
+
+def test_quantize_computes_in_bf16_unless_dtype_is_given(tiny_dir, monkeypatch):
+    """torch's int8/int4 kernels are fast with bf16 activations: --quantize defaults to bfloat16 compute."""
+    from gemmakit import hub
+
+    seen = []
+    real = hub.load
+    monkeypatch.setattr(hub, "load", lambda spec, dtype, **kw: seen.append(dtype) or real(spec, dtype=dtype, **kw))
+    for extra in ([], ["--quantize", "int8"], ["--quantize", "int8", "--dtype", "float32"]):
+        assert main(["generate", PROMPT, "--model", str(tiny_dir), "--max-new-tokens", "2", *extra]) == 0
+    assert seen == [torch.float32, torch.bfloat16, torch.float32]

@@ -181,12 +181,14 @@ def test_packed_embedding_equals_the_table(vocab, dtype, tile, rows, monkeypatch
         torch.testing.assert_close(compiled(h).float(), want, **tol)
 
 
-@pytest.mark.slow
-def test_a_model_after_compiled_decoding_still_trains_and_saves():
+def test_a_model_after_compiled_decoding_still_trains_and_saves(monkeypatch):
     # compile=True packs the tied embedding in place (fuse_decode), under generate's inference mode:
-    # the model must stay an ordinary trainable model that saves its checkpoint.
+    # the model must stay an ordinary trainable model that saves its checkpoint. (The compiled step
+    # itself takes the weights as inputs and changes nothing; it is not built here, to save the time.)
+    from gemmakit import engine
     from gemmakit.engine import generate
 
+    monkeypatch.setattr(engine, "compiled_step", lambda *args: None)
     model = tiny().to(torch.bfloat16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     list(generate(model, [[1, 5, 9]], 3, compile=True))
@@ -227,3 +229,49 @@ def test_compiled_product_reads_its_input_from_a_buffer(cls):
     nests = [n for n in code.split("for(int64_t x0=")[1:] if n.startswith(header)]
     assert "std::sqrt" in code and nests, "expected a norm and a loop over the output rows in the generated code"
     assert not any("std::sqrt" in n for n in nests), "the norm is recomputed inside the product's loop"
+
+
+# -- eager products: torch's int8 / int4 kernels --------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("dtype, rows", [(torch.float32, 1), (torch.float32, 16), (torch.bfloat16, 1),
+                                         (torch.bfloat16, 40)])
+def test_library_products_equal_dequantize_then_matmul(cls, dtype, rows, monkeypatch):
+    # Eagerly (decode, prefill, perplexity) the products are torch's kernels on the stored integers (int4:
+    # converted exactly to torch's layout); they equal x @ dequantize().T up to fp32 rounding (bf16:
+    # rounding of the bf16 result). 128 x 96: rows a multiple of 64, several int4 groups.
+    lin = nn.Linear(96, 128, bias=False).to(dtype)
+    m = cls.from_linear(lin)
+    x = torch.randn(1, rows, 96).to(dtype)
+    want = x.float() @ m.dequantize().float().T
+    assert quant._library(x)
+    monkeypatch.setattr(quant, "_blocked", None)  # the dequantizing path would fail: it is not taken
+    with torch.no_grad():
+        y = m(x)
+    assert y.shape == (1, rows, 128) and y.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(y.float(), want, **tol)
+
+
+def test_int4_kernel_layout_is_made_in_row_blocks_and_follows_the_weights(monkeypatch):
+    # Converted a block at a time (torch's layout interleaves 64 rows: blocks are multiples of 64), equal
+    # to the whole matrix's conversion; rebuilt when the weights change in place.
+    lin = nn.Linear(64, 256, bias=False)
+    whole = Int4Linear.from_linear(lin)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        want = whole(x)
+        monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 64 * 70)  # blocks of 64 rows
+        blocked = Int4Linear.from_linear(lin)
+        torch.testing.assert_close(blocked(x), want, rtol=0, atol=0)
+        blocked.load_state_dict(Int4Linear.from_linear(nn.Linear(64, 256, bias=False)).state_dict())
+        torch.testing.assert_close(blocked(x), x @ blocked.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_library_products_are_not_used_with_autograd_or_many_fp32_rows():
+    lin = Int8Linear.from_linear(nn.Linear(64, 64, bias=False))
+    assert not quant._library(torch.randn(1, 64, requires_grad=True))  # the kernels have no backward
+    assert not quant._library(torch.randn(40, 64))  # fp32 prefill: dequantize + BLAS was faster
+    x = torch.randn(3, 64, requires_grad=True)
+    lin(x).sum().backward()
+    assert x.grad is not None

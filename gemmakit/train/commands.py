@@ -120,6 +120,8 @@ def data_tokenizer(data_dir: str | Path):
 
 
 def data_prepare(args: argparse.Namespace) -> None:
+    if getattr(args, "chat", False):
+        return data_prepare_chat(args)
     tok = load_tokenizer(args.tokenizer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,6 +141,27 @@ def data_prepare(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in meta.items() if k != "val_documents"}))
     if meta["invalid_utf8_replaced"]:
         print(f"note: {meta['invalid_utf8_replaced']} invalid UTF-8 sequences were replaced by U+FFFD", file=sys.stderr)
+
+
+def data_prepare_chat(args: argparse.Namespace) -> None:
+    """`data prepare --chat`: conversations rendered with the tokenizer's model's template (chat_data.py)."""
+    from gemmakit import hub
+    from gemmakit.train.chat_data import prepare_chat
+
+    if args.seq_len is None:
+        raise ValueError("--chat needs --seq-len: conversations longer than it are dropped (never split)")
+    if args.val_files:
+        raise ValueError("--val-files is for plain text; chat data is split by --val-fraction")
+    generation = hub.load_config(model_spec(args.tokenizer)).generation
+    tok = load_tokenizer(args.tokenizer)
+    meta = prepare_chat(args.inputs, tok, generation, args.out, args.seq_len, tokenizer_name=_spec_id(args.tokenizer),
+                        val_fraction=args.val_fraction, on_error=args.on_error)
+    print(json.dumps({k: v for k, v in meta.items() if k != "val_documents"}))
+    if meta["dropped_too_long"]:
+        print(f"note: {meta['dropped_too_long']} conversations longer than --seq-len {args.seq_len} were dropped",
+              file=sys.stderr)
+    if meta["skipped"]:
+        print(f"note: {meta['skipped']} bad lines were skipped", file=sys.stderr)
 
 
 def new_model(spec: str, seed: int):
@@ -175,9 +198,11 @@ def _run_extra(args: argparse.Namespace, **objective) -> dict:
 
 
 def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_fn=None, extra: dict | None = None,
-         max_windows: int | None = None) -> None:
+         max_windows: int | None = None, chat: bool = False) -> None:
     """Train `model` on args.data with the TrainConfig options; save OUT/model at the end (rank 0), with
-    `tokenizer` (the fine-tuned model's), or the data's tokenizer for a model trained from scratch."""
+    `tokenizer` (the fine-tuned model's), or the data's tokenizer for a model trained from scratch.
+    With LoRA, OUT/adapter gets the adapters in PEFT's format too (text models), OUT/model the merged
+    weights. `chat`: args.data is chat data (ChatData: whole conversations, loss on the replies)."""
     from gemmakit.train.distill import check_pieces
     from gemmakit.train.parallel import apply_activation_checkpointing, init_distributed, shard
 
@@ -202,13 +227,21 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_
         apply_activation_checkpointing(model)
     if world > 1:
         shard(model)
-    data = PackedData(args.data, "train", cfg.seq_len, cfg.batch_size, cfg.mask_documents, seed=cfg.seed,
-                      rank=rank, world=world, max_windows=max_windows)
     val = None
-    if meta["tokens"]["val"] > cfg.seq_len:
-        val = PackedData(args.data, "val", cfg.seq_len, cfg.batch_size, cfg.mask_documents, shuffle=False)
+    if chat:
+        from gemmakit.train.chat_data import ChatData
+
+        data = ChatData(args.data, "train", cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+        if meta["documents"]["val"]:
+            val = ChatData(args.data, "val", cfg.seq_len, cfg.batch_size, shuffle=False)
+    else:
+        data = PackedData(args.data, "train", cfg.seq_len, cfg.batch_size, cfg.mask_documents, seed=cfg.seed,
+                          rank=rank, world=world, max_windows=max_windows)
+        if meta["tokens"]["val"] > cfg.seq_len:
+            val = PackedData(args.data, "val", cfg.seq_len, cfg.batch_size, cfg.mask_documents, shuffle=False)
     if args.overwrite and rank == 0:
-        shutil.rmtree(Path(args.out) / "model", ignore_errors=True)  # the earlier run's (checkpoint: train())
+        for name in ("model", "adapter"):  # the earlier run's (checkpoint: train())
+            shutil.rmtree(Path(args.out) / name, ignore_errors=True)
     res = train(model, data, cfg, args.out, loss_fn=loss_fn, val=val, resume=args.resume, extra_state=extra,
                 rank=rank, overwrite=args.overwrite)
     if rank != 0:
@@ -220,13 +253,18 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_
     from gemmakit import weights
 
     if args.lora_rank:
-        from gemmakit.train.lora import merge_lora
+        from gemmakit.train.lora import merge_lora, save_adapter
 
+        if model.config.vision is None:  # a vision model's HF module names differ from ours (not mapped)
+            save_adapter(model, Path(args.out) / "adapter", base_model_name_or_path=_spec_id(args.model))
         merge_lora(model)
     weights.save(model, Path(args.out) / "model", tokenizer=tokenizer)
     last = res["log"][-1] if res["log"] else {}
-    print(json.dumps({"step": res["step"], "loss": last.get("loss"), "val_loss": last.get("val_loss"),
-                      "model": str(Path(args.out) / "model")}))
+    report = {"step": res["step"], "loss": last.get("loss"), "val_loss": last.get("val_loss"),
+              "model": str(Path(args.out) / "model")}
+    if args.lora_rank and (Path(args.out) / "adapter").is_dir():
+        report["adapter"] = str(Path(args.out) / "adapter")
+    print(json.dumps(report))
 
 
 def train_cmd(args: argparse.Namespace) -> None:
@@ -292,3 +330,20 @@ def distill(args: argparse.Namespace) -> None:
             loss_fn = D.online_full_loss(teacher, args.temperature, args.alpha, args.chunk)
         max_windows = None
     _fit(args, student, tokenizer, loss_fn, extra, max_windows)
+
+
+def sft_cmd(args: argparse.Namespace) -> None:
+    """`gemmakit sft`: supervised fine-tuning on chat data; the loss is on the model turns only."""
+    meta = load_meta(args.data)
+    if meta.get("format") != "chat":
+        raise ValueError(f"{args.data} is plain-text data: prepare conversations with `gemmakit data prepare --chat`")
+    if args.seq_len is None:
+        args.seq_len = int(meta["seq_len"])
+    args.mask_documents = True  # conversations are packed with document masking, always
+    extra = _run_extra(args, objective="sft")
+    _check_run_dir(args, extra)
+    model, tokenizer = new_model(args.model, args.seed)
+    if meta.get("generation") not in (None, model.config.generation):
+        raise ValueError(f"the data was rendered with Gemma {meta['generation']}'s template, the model is Gemma "
+                         f"{model.config.generation}: prepare it with the model's tokenizer")
+    _fit(args, model, tokenizer, extra=extra, chat=True)

@@ -172,7 +172,62 @@ def load_meta(data_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-class PackedData:
+class Batches:
+    """A split's sequences in a seeded order per epoch, with a resumable position, for the trainer.
+
+    A subclass sets n_windows, batch_size, shuffle, seed, rank, world, then calls `_start()`, and
+    implements `windows(idx)`: the batch of the given sequence indices.
+    """
+
+    n_windows: int
+    batch_size: int
+    shuffle: bool
+    seed: int
+    rank: int
+    world: int
+
+    def _start(self) -> None:
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation(0)
+
+    def windows(self, idx: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n_windows)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n_windows, generator=g).numpy()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._permutation(self.epoch)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next batch_size windows in this epoch's order; wraps into the next epoch.
+
+        With `world` > 1 ranks, every rank draws the same batch_size * world windows and keeps its
+        slice, so the global batch is the one a single process with batch_size * world would see."""
+        idx: list[int] = []
+        while len(idx) < self.batch_size * self.world:
+            if self.pos == self.n_windows:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(self.batch_size * self.world - len(idx), self.n_windows - self.pos)
+            idx += self._order[self.pos: self.pos + take].tolist()
+            self.pos += take
+        return self.windows(idx[self.rank * self.batch_size: (self.rank + 1) * self.batch_size])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass over the split in order (for evaluation), the last batch possibly smaller."""
+        for start in range(0, self.n_windows, self.batch_size):
+            yield self.windows(list(range(start, min(start + self.batch_size, self.n_windows))))
+
+
+class PackedData(Batches):
     """Packed fixed-length sequences from one split, in a seeded order, with a resumable position.
 
     The split's token stream s is its documents back to back, each `<bos> text <eos>`. For T = seq_len,
@@ -210,6 +265,8 @@ class PackedData:
         if seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {seq_len}")
         self.meta = load_meta(data_dir)
+        if self.meta.get("format") == "chat":  # its loss mask would be ignored: every token trained on
+            raise ValueError(f"{data_dir} is chat data (with a loss mask): train on it with `gemmakit sft`")
         self.bos = int(self.meta.get("bos", BOS))
         self.tokens = np.memmap(Path(data_dir) / f"{split}.tokens", dtype=np.uint32, mode="r")
         self.doc_starts = np.fromfile(Path(data_dir) / f"{split}.docs", dtype=np.uint64).astype(np.int64)
@@ -221,21 +278,7 @@ class PackedData:
             self.n_windows = min(self.n_windows, max_windows)
         if self.n_windows < 1:
             raise ValueError(f"{split} split has {len(self.tokens)} tokens: too few for seq_len {seq_len}")
-        self.epoch, self.pos = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n_windows)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n_windows, generator=g).numpy()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._order = self._permutation(self.epoch)
+        self._start()
 
     def windows(self, idx: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
         """The batch made of the given window indices (see the class docstring): tokens, targets [B, T]
@@ -266,23 +309,3 @@ class PackedData:
             batch["segment_ids"] = torch.from_numpy(doc_in)
             batch["positions"] = torch.from_numpy(positions)
         return batch
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next batch_size windows in this epoch's order; wraps into the next epoch.
-
-        With `world` > 1 ranks, every rank draws the same batch_size * world windows and keeps its
-        slice, so the global batch is the one a single process with batch_size * world would see."""
-        idx: list[int] = []
-        while len(idx) < self.batch_size * self.world:
-            if self.pos == self.n_windows:
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-            take = min(self.batch_size * self.world - len(idx), self.n_windows - self.pos)
-            idx += self._order[self.pos: self.pos + take].tolist()
-            self.pos += take
-        return self.windows(idx[self.rank * self.batch_size: (self.rank + 1) * self.batch_size])
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass over the split in order (for evaluation), the last batch possibly smaller."""
-        for start in range(0, self.n_windows, self.batch_size):
-            yield self.windows(list(range(start, min(start + self.batch_size, self.n_windows))))

@@ -4,7 +4,8 @@
 W + (B @ A) * alpha / rank, with W frozen and only A [rank, in] and B [out, rank] trained. B starts at
 zero, so the adapted model starts exactly equal to the base model. `merge_lora` folds B @ A into W
 and removes the parametrization, which leaves a plain model with the original parameter names (a
-checkpoint saved after merging loads like any other).
+checkpoint saved after merging loads like any other). `save_adapter` writes the adapters alone in
+PEFT's format (gemmakit.adapters), which `peft.PeftModel.from_pretrained` and `--adapter` load.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ class LoRA(nn.Module):
     def __init__(self, out_features: int, in_features: int, rank: int, alpha: float,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
-        self.scale = alpha / rank
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank  # PEFT's lora_alpha / r
         # A as nn.Linear's default init (Kaiming uniform, a = sqrt(5)); B zero: no change at step 0.
         bound = 1.0 / math.sqrt(in_features)
         self.A = nn.Parameter(torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator))
@@ -56,3 +58,24 @@ def merge_lora(model: nn.Module) -> None:
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     model.requires_grad_(True)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRA]:
+    """{module name: its LoRA} of every adapted Linear layer (names are the HF ones)."""
+    return {name: m.parametrizations.weight[0] for name, m in model.named_modules()
+            if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], LoRA)}
+
+
+def save_adapter(model: nn.Module, path, base_model_name_or_path: str | None = None):
+    """Write the model's LoRA adapters (before `merge_lora`) as a PEFT adapter directory; returns its path.
+    Raises ValueError if the model has none, or if they differ in rank or alpha (one adapter_config)."""
+    from gemmakit.adapters import write_adapter
+
+    loras = lora_modules(model)
+    if not loras:
+        raise ValueError("the model has no LoRA adapters to save")
+    if len({(m.rank, m.alpha) for m in loras.values()}) > 1:
+        raise ValueError("the LoRA adapters differ in rank or alpha; PEFT's config names one of each")
+    first = next(iter(loras.values()))
+    return write_adapter(path, {n: (m.A, m.B) for n, m in loras.items()}, first.rank, first.alpha,
+                         base_model_name_or_path)
