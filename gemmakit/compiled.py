@@ -102,8 +102,9 @@ def root() -> Path:
     return home() / "compile"
 
 
+@functools.cache
 def _cpu() -> str:
-    """The CPU's model name and feature flags (Linux), else what platform knows."""
+    """The CPU's model name and feature flags (Linux), else what platform knows (read once per process)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
@@ -130,8 +131,9 @@ def package_key(model: Gemma, cache: list[KVCache]) -> str:
 
 
 def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    from gemmakit.hub import sha256_file
+
+    return sha256_file(path)
 
 
 def _estimate(model: Gemma) -> int:

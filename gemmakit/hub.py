@@ -52,7 +52,8 @@ def _cache_error(e: OSError) -> OSError:
     return OSError(f"{EMBEDDED} (cache at {home()}) cannot be stored: {why}; set GEMMAKIT_HOME to a writable directory")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read 1 MiB at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -72,7 +73,7 @@ def default_gguf(verify: bool = False) -> Path:
     corrupt = False
     if target.is_file():
         size = sum(p.stat().st_size for p in package.chunk_paths())
-        if target.stat().st_size == size and (not verify or _sha256(target) == package.EXPECTED_SHA256):
+        if target.stat().st_size == size and (not verify or sha256_file(target) == package.EXPECTED_SHA256):
             return target
         corrupt = True
     # assemble() writes in place and checks the sha256: write to a temp name, rename when verified.

@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ import torch
 from gemmakit.config import CONFIGS
 from gemmakit.train.data import PackedData, load_meta, prepare
 from gemmakit.train.trainer import CHECKPOINT, TrainConfig, check_out, check_resume, saved_settings, train
+from gemmakit.weights import atomic_directory
 
 _HELP = {
     "steps": "optimizer steps", "batch_size": "sequences per micro-batch (per device)", "seq_len": "tokens per sequence",
@@ -71,16 +70,11 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
-def model_spec(spec: str | None) -> str | None:
-    """'default' (or nothing) is the embedded Gemma 3 270M: None for hub.resolve/hub.load."""
-    from gemmakit import hub
-
-    return None if hub.is_default(spec) else spec
-
-
 def _spec_id(spec: str | None) -> str | None:
     """A model spec as recorded in a checkpoint: `default`, an absolute path, or as given (hub ids)."""
-    if spec is None or model_spec(spec) is None:
+    from gemmakit import hub
+
+    if hub.is_default(spec):
         return "default"
     return str(Path(spec).expanduser().resolve()) if Path(spec).expanduser().exists() else spec
 
@@ -90,7 +84,7 @@ def load_tokenizer(spec: str | None):
     from gemmakit import hub
     from gemmakit.tokenizer import Tokenizer
 
-    s = hub.resolve(model_spec(spec))
+    s = hub.resolve(spec)
     if s.kind == "gguf":
         from gemmakit.gguf import read_gguf_header
 
@@ -124,15 +118,9 @@ def data_prepare(args: argparse.Namespace) -> None:
         return data_prepare_chat(args)
     tok = load_tokenizer(args.tokenizer)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     # A copy of the tokenizer, so a model trained from scratch on this data can be saved with it.
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))
-    try:
+    with atomic_directory(out / TOKENIZER_DIR) as tmp:
         tok.save(tmp)
-        shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
-        os.rename(tmp, out / TOKENIZER_DIR)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     # Documents are plain text: a literal "<bos>" or "<start_of_turn>" in them is text, not a control
     # id (only prepare() places <bos>/<eos>, one each per document).
     meta = prepare(args.inputs, lambda t: tok.encode(t, add_bos=False, parse_special=False), out, len(tok),
@@ -152,7 +140,7 @@ def data_prepare_chat(args: argparse.Namespace) -> None:
         raise ValueError("--chat needs --seq-len: conversations longer than it are dropped (never split)")
     if args.val_files:
         raise ValueError("--val-files is for plain text; chat data is split by --val-fraction")
-    generation = hub.load_config(model_spec(args.tokenizer)).generation
+    generation = hub.load_config(args.tokenizer).generation
     tok = load_tokenizer(args.tokenizer)
     meta = prepare_chat(args.inputs, tok, generation, args.out, args.seq_len, tokenizer_name=_spec_id(args.tokenizer),
                         val_fraction=args.val_fraction, on_error=args.on_error)
@@ -178,7 +166,7 @@ def new_model(spec: str, seed: int):
         return model, None
     from gemmakit import hub
 
-    return hub.load(model_spec(spec))
+    return hub.load(spec)
 
 
 def _check_run_dir(args: argparse.Namespace, extra: dict) -> None:
@@ -288,7 +276,7 @@ def teacher_cache(args: argparse.Namespace) -> None:
     tokens -= tokens % args.seq_len
     print(f"teacher cache: {tokens:,} tokens x k {args.k} x 6 bytes = {tokens * args.k * 6 / 2**20:,.1f} MiB in "
           f"{args.out}", file=sys.stderr)
-    teacher, tok = hub.load(model_spec(args.teacher))
+    teacher, tok = hub.load(args.teacher)
     check_pieces(tok, data_tokenizer(args.data), "teacher's", "data's")
     meta = build_teacher_cache(teacher, args.data, args.out, k=args.k, seq_len=args.seq_len,
                                batch_size=args.batch_size, mask_documents=args.mask_documents, seed=args.seed,
@@ -319,10 +307,10 @@ def distill(args: argparse.Namespace) -> None:
     else:
         from gemmakit import hub
 
-        D.check_vocab(config, hub.load_config(model_spec(args.teacher)).vocab_size)
+        D.check_vocab(config, hub.load_config(args.teacher).vocab_size)
         if args.objective == "sampled" and not 0 < args.k <= config.vocab_size:
             raise ValueError(f"--k {args.k} must be in [1, {config.vocab_size}] (the student's vocabulary)")
-        teacher, teacher_tok = hub.load(model_spec(args.teacher))
+        teacher, teacher_tok = hub.load(args.teacher)
         D.check_pieces(teacher_tok, tokenizer or data_tokenizer(args.data), "teacher's", "student's")
         if args.objective == "sampled":
             loss_fn = D.online_sampled_loss(teacher, args.k, args.alpha, args.chunk, args.seed)

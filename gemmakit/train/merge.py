@@ -221,10 +221,9 @@ def add_merge_adapter_options(p: argparse.ArgumentParser) -> None:
 def merge_adapter_cmd(args: argparse.Namespace) -> None:
     from gemmakit import hub, weights
     from gemmakit.adapters import load_adapter, read_adapter
-    from gemmakit.train.commands import model_spec
 
     read_adapter(args.adapter)  # a bad adapter fails before the model is loaded
-    model, tokenizer = hub.load(model_spec(args.model), dtype=torch.float32)
+    model, tokenizer = hub.load(args.model, dtype=torch.float32)
     n = load_adapter(model, args.adapter)
     out = weights.save(model, args.out, dtype=torch.bfloat16 if args.dtype == "bf16" else None, tokenizer=tokenizer)
     print(json.dumps({"adapted_layers": n, "out": str(out)}))
