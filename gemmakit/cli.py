@@ -111,10 +111,15 @@ def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
                    help="compute dtype (default float32; bfloat16 with --quantize, whose int8/int4 kernels are "
                         "fast with bf16 activations)")
-    s.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="weight-only quantization: int8 per channel or int4 in groups of 32 (default: none)")
+    s.add_argument("--quantize", default=None, choices=["int8", "int4", "int4-channel", "q4_0", "q8_0", "fp8"],
+                   help="weight-only quantization (default: none): int8 per channel, int4 in groups of 32, "
+                        "int4-channel (one group per channel), q4_0 / q8_0 (llama.cpp's blocks of 32), fp8 (e4m3, "
+                        "a scale per channel)")
     s.add_argument("--adapter", default=None, metavar="DIR",
                    help="a PEFT LoRA adapter directory, folded into the weights at load (default: none)")
+    from gemmakit.eval.window import add_sliding_window_arg
+
+    add_sliding_window_arg(s)
 
 
 # Models below this size decode eagerly unless --compile is given: their steps take milliseconds anyway,
@@ -195,7 +200,16 @@ def _load(args: argparse.Namespace):
     from gemmakit import hub
 
     dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
+    window = getattr(args, "sliding_window", None)
+    if window is not None:  # --sliding-window: refused before any weights load (N < 1, no local layers)
+        from gemmakit.eval.window import check_sliding_window
+
+        check_sliding_window(hub.load_config(args.model), window)
     model, tokenizer = hub.load(args.model, dtype=getattr(torch, _DTYPES[dtype]))
+    if window is not None:  # before anything builds a cache: caches are sized from model.config
+        from gemmakit.eval.window import set_sliding_window
+
+        set_sliding_window(model, window)
     if args.adapter:  # before quantizing: the adapter's update is added to the float weights
         from gemmakit.adapters import load_adapter
 
@@ -461,6 +475,9 @@ def _add_training_parsers(sub) -> None:
     s = sub.add_parser("sft", help="supervised fine-tuning on chat data (loss on the model turns only)")
     s.add_argument("--model", required=True, help=f"model to fine-tune: GGUF file, HF directory, hub id or {default}")
     commands.add_train_options(s)
+    from gemmakit.train.sft import add_sft_options
+
+    add_sft_options(s)  # --teacher (distillation during SFT), --on-policy, ...
     s.set_defaults(func=commands.sft_cmd, seq_len=None)  # None: the --seq-len the chat data was prepared with
     for action in s._actions:
         if action.dest == "seq_len":
@@ -545,6 +562,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.set_defaults(func=cmd_perplexity)
     _add_training_parsers(sub)
+    from gemmakit.train import rl_commands
+
+    rl_commands.add_parsers(sub)  # reward, rl, warm, warp
+    from gemmakit.eval import commands as eval_commands
+
+    eval_commands.add_parsers(sub)  # eval, memorization
+    from gemmakit import export
+
+    export.add_parser(sub)
+    from gemmakit.serve import commands as serve_commands
+
+    serve_commands.add_parser(sub)  # serve
     _add_debug_everywhere(p)
     _add_everywhere(p, "--threads", type=int, default=argparse.SUPPRESS, metavar="N", help=_THREADS_HELP)
     return p

@@ -1,10 +1,11 @@
 """The compiled decode step, built once per machine and kept in gemmakit's cache (AOTInductor packages).
 
-`engine.generate(compile=True)` runs its decode steps through `compiled_step`. torch.compile would
-re-trace the model with Dynamo in every new process (for the 18-layer Gemma 3 270M, 8-15 s per process
-even with inductor's on-disk caches warm, measured on the 2-core test machine), so the step is instead
-exported once (torch.export) and compiled ahead of time by AOTInductor into a package: a shared library
-that a later process loads in a fraction of a second, with no tracing at all.
+`engine.generate(compile=True)` and the scheduler (gemmakit.serve) run their decode steps through
+`compiled_step`. torch.compile would re-trace the model with Dynamo in every new process (for the
+18-layer Gemma 3 270M, 8-15 s per process even with inductor's on-disk caches warm, measured on the
+2-core test machine), so the step is instead exported once (torch.export) and compiled ahead of time
+by AOTInductor into a package: a shared library that a later process loads in a fraction of a second,
+with no tracing at all.
 
 A package is a directory `<cache>/compile/<key>/` holding `step.pt2` and `meta.json` (the package's
 sha256, how long the build took, which model it is for); `<cache>` is gemmakit's cache (hub.home(),

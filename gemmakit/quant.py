@@ -12,10 +12,20 @@ Activations stay in the model's dtype. Each module's `forward` has two paths:
   weights in torch's packed layout, made once), which read the integer weights directly. Where they
   are slower (see `_library`), dequantize the matrix a block at a time and use the BLAS matmul.
 
-int8: symmetric per output channel, w = q * scale[row], q in [-127, 127].
-int4: asymmetric per group of `group` inputs, w = q * scale + low, q in [0, 15]; two values per byte,
-      element i of a group in the low nibble and element i + group/2 in the high nibble, so that the
-      kernel unpacks with two shifts instead of interleaving.
+Formats (`MODES`):
+int8:         symmetric per output channel, w = q * scale[row], q in [-127, 127].
+int4:         asymmetric per group of `group` (32) inputs, w = q * scale + low, q in [0, 15]; two values per
+              byte, element i of a group in the low nibble and element i + group/2 in the high nibble, so
+              that the kernel unpacks with two shifts instead of interleaving.
+int4-channel: the same, one group per output channel (the Gemma 3 report's "per-channel int4").
+q4_0:         llama.cpp's Q4_0: blocks of 32, symmetric, d = max / -8 (max: the value of largest
+              magnitude, sign kept) rounded to fp16, q = trunc(w / d + 8.5) in [0, 15], w = d * (q - 8);
+              nibbles laid out as GGUF's (element i low, i + 16 high): an int4 module with low = -8 d.
+q8_0:         llama.cpp's Q8_0: blocks of 32, d = amax / 127 rounded to fp16, q = round(w / d).
+fp8:          float8 e4m3 with one fp32 scale per output channel, amax / 448 (the report's "switched fp8").
+The q4_0/q8_0 grids equal the `gguf` package's reference quantizer (the one llama.cpp's tools use);
+their scales are kept in the compute dtype, so in fp32 the weights are GGUF's exactly and in bf16 the
+fp16 scales are rounded to bf16. `fake_quantize` gives any format's quantize-then-dequantize (QAT).
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from torch import Tensor, nn
 
 from gemmakit.model import materialize
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "int4-channel", "q4_0", "q8_0", "fp8")
 TILE = 32  # rows per tile of a 16-bit packed LM head: two AVX-512 registers of fp32 running sums
 DECODE_ROWS = 16  # at most this many input rows use the fused decode path (batch 8 decode included)
 BLOCK_ELEMENTS = 1 << 23  # weights (de)quantized at a time outside the fused path (32 MiB in fp32)
@@ -140,21 +150,32 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Int8Linear(nn.Module):
+    """int8 weights with one scale per output channel (Fp8Linear: the same with float8 weights)."""
+
+    QDTYPE = torch.int8
+
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=self.QDTYPE))
         self.register_buffer("scale", torch.ones(out_features, dtype=dtype))
+
+    @staticmethod
+    def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+        return quantize_int8(w)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         m = cls(linear.in_features, linear.out_features, linear.weight.dtype)
         for start, end in _row_blocks(linear.out_features, linear.in_features):
-            m.weight[start:end], m.scale[start:end] = quantize_int8(linear.weight.detach()[start:end])
+            m.weight[start:end], m.scale[start:end] = cls.quantize_rows(linear.weight.detach()[start:end])
         return m
 
     def dequantize(self, start: int = 0, end: int | None = None) -> Tensor:
         return self.weight[start:end].to(self.scale.dtype) * self.scale[start:end, None]
+
+    def rows(self, tokens: Tensor) -> Tensor:
+        return self.weight[tokens].to(self.scale.dtype) * self.scale[tokens][..., None]
 
     def fused(self, x: Tensor) -> Tensor:
         # Sum in fp32 whatever the activation dtype; the per-row scale applies once to the sum.
@@ -164,7 +185,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if _fuse(x):
             return self.fused(x)
-        if _library(x):  # y = x @ (q * scale).T with q read as int8; scale in x's dtype, as the kernel wants
+        if _library(x) and self.QDTYPE == torch.int8:  # y = x @ (q * scale).T, q read as int8; scale in x's dtype
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight,
                                                   self.scale.to(x.dtype))
             return y.view(*x.shape[:-1], self.out_features)
@@ -187,6 +208,21 @@ def quantize_int4(w: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
     return packed, scale, low
 
 
+def quantize_q4_0(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """llama.cpp's Q4_0 (ggml's quantize_row_q4_0_ref, in fp32) as (packed, scale, low) for Int4Linear
+    with group 32: scale = d (fp16-rounded, as stored in a GGUF block), low = -8 d."""
+    out, inp = w.shape
+    if inp % 32:
+        raise ValueError(f"q4_0 needs the input width ({inp}) to be a multiple of 32")
+    g = w.float().reshape(out, inp // 32, 32)
+    peak = g.gather(-1, g.abs().argmax(-1, keepdim=True))  # largest magnitude, its sign kept
+    d = peak / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc(g * inv + 8.5).clamp(0, 15).to(torch.uint8)  # from the unrounded d, as the reference
+    d = d[..., 0].to(torch.float16).float()
+    return q[..., :16] | (q[..., 16:] << 4), d, -8 * d
+
+
 def _unpack_int4(packed: Tensor) -> tuple[Tensor, Tensor]:
     """(first half, second half) of every group, as uint8 values 0..15."""
     return packed & 15, packed >> 4
@@ -202,12 +238,21 @@ class Int4Linear(nn.Module):
         self.register_buffer("low", torch.zeros(out_features, n, dtype=dtype))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group: int = 32) -> Int4Linear:
-        m = cls(linear.in_features, linear.out_features, linear.weight.dtype, group)
+    def from_linear(cls, linear: nn.Linear, group: int = 32, q4_0: bool = False) -> Int4Linear:
+        """Quantized min-max per group (quantize_int4), or by llama.cpp's Q4_0 rule (`q4_0`, group 32)."""
+        m = cls(linear.in_features, linear.out_features, linear.weight.dtype, 32 if q4_0 else group)
         for start, end in _row_blocks(linear.out_features, linear.in_features):
-            m.weight[start:end], m.scale[start:end], m.low[start:end] = quantize_int4(
-                linear.weight.detach()[start:end], group)
+            w = linear.weight.detach()[start:end]
+            m.weight[start:end], m.scale[start:end], m.low[start:end] = (
+                quantize_q4_0(w) if q4_0 else quantize_int4(w, group))
         return m
+
+    def rows(self, tokens: Tensor) -> Tensor:
+        """Dequantized rows `tokens` [...] -> [..., in_features] (the embedding lookup)."""
+        lo, hi = _unpack_int4(self.weight[tokens])
+        q = torch.cat([lo, hi], dim=-1).to(self.scale.dtype)
+        w = q * self.scale[tokens][..., None] + self.low[tokens][..., None]
+        return w.reshape(*tokens.shape, self.in_features)
 
     def dequantize(self, start: int = 0, end: int | None = None) -> Tensor:
         lo, hi = _unpack_int4(self.weight[start:end])
@@ -233,9 +278,10 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if _fuse(x):
             return self.fused(x)
-        if _library(x) and self.out_features % 16 == 0:  # the kernel packs rows 16 at a time
+        # The kernel packs rows 16 at a time and knows groups of 32 to 256 (not one group per row).
+        if _library(x) and self.out_features % 16 == 0 and self.group in (32, 64, 128, 256):
             packed, scales_and_zeros = self._torch_int4pack(x.dtype)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self.group,
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), packed, self.group,
                                                            scales_and_zeros)
             return y.view(*x.shape[:-1], self.out_features)
         return _blocked(x, self.out_features, self.dequantize)
@@ -265,6 +311,103 @@ class Int4Linear(nn.Module):
                 cached = (stamp, torch.cat(blocks), sz)
             self.__dict__["_int4pack"] = cached
         return cached[1], cached[2]
+
+
+# -- q8_0 and fp8 ------------------------------------------------------------------------------------
+
+def quantize_q8_0(w: Tensor) -> tuple[Tensor, Tensor]:
+    """llama.cpp's Q8_0 (quantize_row_q8_0_ref, in fp32): (q [out, in] int8, d [out, in/32] fp16-rounded)."""
+    out, inp = w.shape
+    if inp % 32:
+        raise ValueError(f"q8_0 needs the input width ({inp}) to be a multiple of 32")
+    g = w.float().reshape(out, inp // 32, 32)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.round(g * inv).to(torch.int8)  # round half away from zero in C; ties are measure-zero here
+    return q.reshape(out, inp), d[..., 0].to(torch.float16).float()
+
+
+class BlockInt8Linear(nn.Module):
+    """q8_0: int8 weights with one scale per block of 32 inputs (llama.cpp's Q8_0 blocks, unpacked)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features, in_features // 32, dtype=dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> BlockInt8Linear:
+        m = cls(linear.in_features, linear.out_features, linear.weight.dtype)
+        for start, end in _row_blocks(linear.out_features, linear.in_features):
+            m.weight[start:end], m.scale[start:end] = quantize_q8_0(linear.weight.detach()[start:end])
+        return m
+
+    def dequantize(self, start: int = 0, end: int | None = None) -> Tensor:
+        q = self.weight[start:end]
+        w = q.view(q.shape[0], -1, 32).to(self.scale.dtype) * self.scale[start:end, :, None]
+        return w.reshape(q.shape[0], self.in_features)
+
+    def rows(self, tokens: Tensor) -> Tensor:
+        q = self.weight[tokens].view(*tokens.shape, -1, 32).to(self.scale.dtype)
+        return (q * self.scale[tokens][..., None]).reshape(*tokens.shape, self.in_features)
+
+    def fused(self, x: Tensor) -> Tensor:
+        w, scale = self.weight.float().view(self.out_features, -1, 32), self.scale.float()
+        return _per_row(x, lambda row: ((w * row.view(-1, 32)).sum(-1) * scale).sum(-1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _fuse(x):
+            return self.fused(x)
+        return _blocked(x, self.out_features, self.dequantize)
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(q [out, in] float8_e4m3fn, scale [out] fp32 = amax / 448): w ~ q * scale, per output channel."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+class Fp8Linear(Int8Linear):
+    """fp8: float8 e4m3 weights with one scale per output channel (the Gemma 3 report's switched fp8).
+    No CPU kernel reads fp8 directly: eagerly the weights are widened a block at a time for BLAS."""
+
+    QDTYPE = torch.float8_e4m3fn
+
+    @staticmethod
+    def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+        return quantize_fp8(w)
+
+
+def fake_quantize(w: Tensor, mode: str) -> Tensor:
+    """`w` [out, in] rounded to `mode`'s grid and back (fp32 arithmetic, w's dtype out): the weights the
+    quantized model would use, as quantization-aware training sees them (no gradient defined here: wrap
+    it in a straight-through estimator). Equal to quantize(model, mode)'s dequantized weights."""
+    if mode == "int8":
+        q, s = quantize_int8(w)
+        out = q.float() * s[:, None]
+    elif mode in ("int4", "int4-channel", "q4_0"):
+        group = w.shape[1] if mode == "int4-channel" else 32
+        packed, s, low = quantize_q4_0(w) if mode == "q4_0" else quantize_int4(w, group)
+        lo, hi = _unpack_int4(packed)
+        q = torch.cat([lo, hi], dim=-1).float()
+        out = (q * s[..., None] + low[..., None]).reshape(w.shape)
+    elif mode == "q8_0":
+        q, d = quantize_q8_0(w)
+        out = (q.float().view(w.shape[0], -1, 32) * d[..., None]).reshape(w.shape)
+    elif mode == "fp8":
+        q, s = quantize_fp8(w)
+        out = q.float() * s[:, None]
+    else:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    return out.to(w.dtype)
+
+
+QUANTIZED = (Int8Linear, Int4Linear, BlockInt8Linear, Fp8Linear)
 
 
 # -- tied embedding / LM head --------------------------------------------------------------------------
@@ -343,7 +486,7 @@ def unpack_rows(packed: Tensor) -> Tensor:
 class QuantEmbedding(nn.Module):
     """The tied embedding as a quantized matrix: rows looked up for the input, `attend` for the head."""
 
-    def __init__(self, linear: Int8Linear | Int4Linear) -> None:
+    def __init__(self, linear: nn.Module) -> None:
         super().__init__()
         self.table = linear  # [vocab, d_model] viewed as a Linear from d_model to vocab
 
@@ -352,13 +495,7 @@ class QuantEmbedding(nn.Module):
         return self.table.scale
 
     def forward(self, tokens: Tensor) -> Tensor:
-        t = self.table
-        if isinstance(t, Int8Linear):
-            return t.weight[tokens].to(t.scale.dtype) * t.scale[tokens][..., None]
-        lo, hi = _unpack_int4(t.weight[tokens])
-        q = torch.cat([lo, hi], dim=-1).to(t.scale.dtype)
-        w = q * t.scale[tokens][..., None] + t.low[tokens][..., None]
-        return w.reshape(*tokens.shape, t.in_features)
+        return self.table.rows(tokens)
 
     def attend(self, h: Tensor) -> Tensor:
         """Logits h @ E^T, without materializing E."""
@@ -366,7 +503,7 @@ class QuantEmbedding(nn.Module):
 
 
 def quantize(model: nn.Module, mode: str, group: int = 32) -> nn.Module:
-    """Swap the model's Linear layers and tied embedding for `mode` ("int8" or "int4") in place."""
+    """Swap the model's Linear layers and tied embedding for `mode` (one of MODES) in place."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     return _swap(model, mode, group)
@@ -389,7 +526,14 @@ def _swap_modules(model: nn.Module, mode: str | None, group: int) -> nn.Module:
     def convert(linear: nn.Linear | DenseLinear) -> nn.Module:
         if mode is None:
             return linear if isinstance(linear, DenseLinear) else DenseLinear(linear)
-        return Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group)
+        if mode == "int8":
+            return Int8Linear.from_linear(linear)
+        if mode == "q8_0":
+            return BlockInt8Linear.from_linear(linear)
+        if mode == "fp8":
+            return Fp8Linear.from_linear(linear)
+        return Int4Linear.from_linear(linear, linear.in_features if mode == "int4-channel" else group,
+                                      q4_0=mode == "q4_0")
 
     body = model.model
     for parent in list(body.layers.modules()):
@@ -433,6 +577,12 @@ def weight_bytes(config, mode: str | None, dtype_bytes: int = 2, group: int = 32
         return (matrix_params + other) * dtype_bytes
     if mode == "int8":
         return matrix_params + sum(r for r, _ in mats) * dtype_bytes + other * dtype_bytes
-    if mode == "int4":
+    if mode in ("int4", "q4_0"):
         return matrix_params // 2 + 2 * (matrix_params // group) * dtype_bytes + other * dtype_bytes
+    if mode == "int4-channel":
+        return matrix_params // 2 + 2 * sum(r for r, _ in mats) * dtype_bytes + other * dtype_bytes
+    if mode == "q8_0":
+        return matrix_params + (matrix_params // 32) * dtype_bytes + other * dtype_bytes
+    if mode == "fp8":
+        return matrix_params + sum(r for r, _ in mats) * dtype_bytes + other * dtype_bytes
     raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")

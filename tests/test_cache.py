@@ -103,3 +103,48 @@ def test_cache_bytes_matches_what_make_cache_allocates():
     assert cache_bytes(cfg, 1, 32768) == (10 * 32768 + 52 * 1024) * 2 * 16 * 128 * 2
     assert cache_bytes(cfg, 1, 32768, global_only=True) == 62 * 32768 * 2 * 16 * 128 * 2
     assert cfg.layer_types.count(GLOBAL) == 10
+
+
+@torch.no_grad()
+def test_a_row_at_position_minus_1_writes_nothing_and_rows_advance_on_their_own():
+    # The scheduler decodes all its slots in one step; a slot that is free or still prefilling takes
+    # position -1 and must keep its cache, and the others continue at their own positions. (Main wrote
+    # every row at one shared step, so the idle row's ring lost a key it needed.)
+    model = tiny()
+    a, b = TOKENS[0, :8], TOKENS[1, :8]
+    cache = make_cache(model.config, 2, 20)
+    model(torch.stack([a[:6], b[:6]]), cache=cache)  # 6 tokens: the rings of 5 have wrapped
+    before = [(c.k[1].clone(), c.v[1].clone(), c.pos[1].clone()) for c in cache]
+    model(torch.tensor([[int(a[6])], [0]]), torch.tensor([[6], [-1]]), cache)  # row 1 idles
+    for c, (k, v, pos) in zip(cache, before):
+        assert torch.equal(c.k[1], k) and torch.equal(c.v[1], v) and torch.equal(c.pos[1], pos)
+    out = model(torch.tensor([[int(a[7])], [int(b[6])]]), torch.tensor([[7], [6]]), cache)[:, -1]
+    torch.testing.assert_close(out[0], model(a[None, :8])[0, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], model(b[None, :7])[0, -1], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_rows_views_prefill_one_row_and_truncate_forgets():
+    model = tiny()
+    a, b = TOKENS[0, :12], TOKENS[1, :3]
+    cache = make_cache(model.config, 2, 20)
+    model(a[None, :11], cache=[c.rows(0, 1) for c in cache])  # each row prefilled on its own, in place
+    model(b[None, :2], cache=[c.rows(1, 2) for c in cache])
+    out = model(torch.tensor([[int(a[11])], [int(b[2])]]), torch.tensor([[11], [2]]), cache)[:, -1]
+    torch.testing.assert_close(out[0], model(a[None])[0, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], model(b[None])[0, -1], rtol=1e-5, atol=1e-5)
+    # Truncated to 2 tokens, row 1 continues from its third as if fresh (a global layer keeps positions 0-1).
+    for c in cache:
+        c.truncate(1, 2)
+        assert sorted(p for p in c.pos[1].tolist() if p >= 0) == [0, 1]
+    again = model(torch.tensor([[int(a[11])], [int(b[2])]]), torch.tensor([[-1], [2]]), cache)[1, -1]
+    torch.testing.assert_close(again, out[1], rtol=1e-5, atol=1e-5)
+
+
+def test_holds_says_whether_a_truncated_row_still_has_the_window():
+    ring, static = make_cache(tiny().config, 1, 20)[:6:5]  # layer 0 local (a ring of 5), layer 5 global
+    assert ring.ring and not static.ring
+    assert static.holds(12, 3) and static.holds(12, 12) and not static.holds(12, 13)
+    assert ring.holds(12, 12) and ring.holds(12, 11)  # continuing at the end (or one before) of what was fed
+    assert not ring.holds(12, 10)  # position 10 needs 6..9, but the ring holds 7..11
+    assert ring.holds(12, 0) and ring.holds(4, 2)  # nothing needed, or nothing overwritten yet

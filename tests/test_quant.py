@@ -275,3 +275,45 @@ def test_library_products_are_not_used_with_autograd_or_many_fp32_rows():
     x = torch.randn(3, 64, requires_grad=True)
     lin(x).sum().backward()
     assert x.grad is not None
+
+
+# -- the formats of quantization-aware training: int4-channel, q4_0, q8_0, fp8 --------------------------
+
+@pytest.mark.parametrize("mode", ["q4_0", "q8_0"])
+def test_block_formats_are_llama_cpps_reference_quantization(mode):
+    """q4_0 / q8_0 weights equal the `gguf` package's reference quantize + dequantize (llama.cpp's), exactly."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize as gguf_quantize
+
+    qtype = GGMLQuantizationType[mode.upper()]
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0)) * 0.1
+    w[3, :32] = 0.0  # an all-zero block: scale 0, no division by zero
+    w[4, 5] = -0.9  # a block whose largest magnitude is negative: Q4_0 keeps its sign in d
+    ref = dequantize(gguf_quantize(w.numpy(), qtype), qtype).reshape(w.shape)
+    assert torch.equal(quant.fake_quantize(w, mode), torch.from_numpy(ref))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-channel", "q4_0", "q8_0", "fp8"])
+def test_every_format_equals_a_float_model_with_its_grid(mode):
+    """A quantized model's logits equal those of the float model whose weights are fake_quantize'd (QAT's
+    view), eager prefill and every product path; bytes as weight_bytes plans them."""
+    model, ref = tiny(), tiny()
+    quantize(model, mode)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.ndim == 2:
+                p.copy_(quant.fake_quantize(p, mode))
+        tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(model(tokens), ref(tokens), rtol=1e-5, atol=1e-5)
+    stored = sum(t.nbytes for t in model.state_dict().values())
+    assert stored == weight_bytes(model.config, mode, dtype_bytes=4)
+
+
+@pytest.mark.slow
+def test_new_formats_compile_and_equal_eager_decoding():
+    from gemmakit.engine import generate
+
+    for mode in ("q8_0", "fp8"):  # q4_0 has int4's layout: its compiled path is test_engine's
+        model = quantize(tiny(), mode)
+        eager = list(generate(model, [[2, 5, 7], [2, 9]], 6))
+        assert list(generate(model, [[2, 5, 7], [2, 9]], 6, compile=True)) == eager, mode

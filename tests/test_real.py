@@ -3,7 +3,6 @@
 Select with `pytest -m real`. The models are loaded once per session (tests/conftest.py).
 """
 
-import glob
 import math
 import os
 

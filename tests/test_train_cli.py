@@ -104,7 +104,7 @@ def _training_parsers() -> dict[str, argparse.ArgumentParser]:
     subs = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     data = next(a for a in subs["data"]._actions if isinstance(a, argparse._SubParsersAction)).choices
     return {"data prepare": data["prepare"], "train": subs["train"], "teacher-cache": subs["teacher-cache"],
-            "distill": subs["distill"]}
+            "distill": subs["distill"], "sft": subs["sft"]}
 
 
 def _help_of(parser: argparse.ArgumentParser, flag: str) -> str:

@@ -138,7 +138,8 @@ def _stop_after(n):
 KILLER = """
 import os, sys, torch
 from gemmakit.train import trainer as T, data as D
-from tests.test_trainer import model, tcfg
+sys.path.insert(0, "tests")  # not `tests.test_trainer`: a site-packages `tests` package would shadow it
+from test_trainer import model, tcfg
 real = T._write
 def dying(state, f):
     if state["step"] == 4:  # second checkpoint: write half of it, then die without cleanup
@@ -205,7 +206,8 @@ FSDP = """
 import json, sys, torch
 from gemmakit.train import trainer as T, data as D
 from gemmakit.train.parallel import init_distributed, shard
-from tests.test_trainer import model, tcfg
+sys.path.insert(0, "tests")  # not `tests.test_trainer`: a site-packages `tests` package would shadow it
+from test_trainer import model, tcfg
 rank, world = init_distributed()
 m = shard(model())
 res = T.train(m, D.PackedData(sys.argv[1], "train", 16, 2, rank=rank, world=world), tcfg(steps=4, chunk=1000),
@@ -230,3 +232,31 @@ def test_fsdp_two_gloo_processes_match_one_process(data_dir, tmp_path):
     # the checkpoint written under FSDP holds the full (unsharded) model
     ck = T.load_checkpoint(tmp_path / "two" / T.CHECKPOINT)
     assert ck["model"]["model.embed_tokens.weight"].shape == (CFG.vocab_size, CFG.d_model)
+
+
+def test_the_lm_head_runs_only_where_a_target_counts():
+    """The head (262,144 rows for Gemma 3) is most of a small model's step: the losses drop the rows whose
+    target is IGNORE (a chat's prompts, padding) before it, in the forward and the backward, and the
+    loss and gradients are those of the full computation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gemmakit.train.losses import IGNORE, cross_entropy
+
+    m = model()
+    x = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    targets[:, :10] = IGNORE
+    h = m.hidden(x).detach().requires_grad_(True)
+    with FlopCounterMode(display=False) as flops:
+        loss = cross_entropy(m, h, targets)
+    # the head's forward, its input gradient and its weight gradient: 3 products of 2 d V per kept row
+    assert flops.get_total_flops() == 3 * 2 * CFG.d_model * CFG.vocab_size * 12
+    loss.backward()
+    logits = m.logits(h)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    grad = h.grad.clone()
+    h.grad = None
+    ref.backward()
+    torch.testing.assert_close(grad, h.grad, rtol=1e-5, atol=1e-7)
+    assert float(grad[:, :9].abs().max()) == 0.0  # rows whose target is ignored get no gradient

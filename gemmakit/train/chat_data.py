@@ -256,26 +256,40 @@ class ChatData(Batches):
         self.n_windows = len(self.sequences)
         self._start()
 
+    def conversations(self, idx: np.ndarray | list[int]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """(ids int64, loss mask bool) of every conversation of each of the given packed sequences, in order."""
+        rows = []
+        for w in idx:
+            convs = []
+            for c in self.sequences[int(w)]:
+                a, e = int(self.starts[c]), int(self.starts[c + 1])
+                convs.append((np.asarray(self.tokens[a:e], dtype=np.int64), np.asarray(self.mask[a:e], dtype=bool)))
+            rows.append(convs)
+        return rows
+
     def windows(self, idx: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
         """The batch of the given packed sequences: tokens, targets, segment_ids, positions [B, T] int64
         and windows [B]. targets[t] is tokens[t + 1] where that token's mask is 1 and it belongs to the
         same conversation, else IGNORE; padding is its own segment."""
-        b, t = len(idx), self.seq_len
+        return self.layout(self.conversations(idx), idx)
+
+    def layout(self, rows: list[list[tuple[np.ndarray, np.ndarray]]],
+               idx: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
+        """The batch (see `windows`) of rows of (ids, mask) conversations, each row at most seq_len tokens;
+        `idx` are the rows' sequence indices (the batch's "windows")."""
+        b, t = len(rows), self.seq_len
         tokens = np.full((b, t), self.pad, dtype=np.int64)
         targets = np.full((b, t), IGNORE, dtype=np.int64)
         segments = np.zeros((b, t), dtype=np.int64)
         positions = np.zeros((b, t), dtype=np.int64)
-        for row, w in enumerate(idx):
+        for row, convs in enumerate(rows):
             at = 0
-            convs = self.sequences[int(w)]
-            for seg, c in enumerate(convs):
-                a, e = int(self.starts[c]), int(self.starts[c + 1])
-                n = e - a
-                ids = np.asarray(self.tokens[a:e], dtype=np.int64)
-                mask = np.asarray(self.mask[a:e], dtype=bool)
+            for seg, (ids, mask) in enumerate(convs):
+                n = len(ids)
+                if at + n > t:
+                    raise ValueError(f"conversations of {at + n} tokens do not fit a sequence of {t}")
                 tokens[row, at:at + n] = ids
-                tgt = np.where(mask[1:], ids[1:], IGNORE)
-                targets[row, at:at + n - 1] = tgt  # the conversation's last token predicts nothing
+                targets[row, at:at + n - 1] = np.where(mask[1:], ids[1:], IGNORE)  # the last token predicts nothing
                 segments[row, at:at + n] = seg
                 positions[row, at:at + n] = np.arange(n)
                 at += n
@@ -284,4 +298,3 @@ class ChatData(Batches):
         return {"tokens": torch.from_numpy(tokens), "targets": torch.from_numpy(targets),
                 "segment_ids": torch.from_numpy(segments), "positions": torch.from_numpy(positions),
                 "windows": torch.as_tensor(np.asarray(idx, dtype=np.int64))}
-

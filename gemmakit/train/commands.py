@@ -44,6 +44,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "training); merged into the weights of OUT/model at the end")
     p.add_argument("--lora-alpha", type=float, default=16.0,
                    help="LoRA scale alpha (update = B A alpha / rank; default 16.0)")
+    p.add_argument("--quantize-base", choices=("int8", "int4"), default=None,
+                   help="QLoRA (with --lora-rank): keep the frozen base in int8 or int4, dequantized a block at a "
+                        "time in the forward and backward; the adapter is for the unquantized base, and OUT/model "
+                        "is that base (bf16) with the adapter folded in (default: off, the base in fp32)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
@@ -152,25 +156,41 @@ def data_prepare_chat(args: argparse.Namespace) -> None:
         print(f"note: {meta['skipped']} bad lines were skipped", file=sys.stderr)
 
 
-def new_model(spec: str, seed: int):
-    """(model, tokenizer or None) to train: a preset or .json/.toml config gets a seeded random init
-    (no tokenizer of its own: None); anything else (GGUF, HF dir, hub id, `default`) is loaded with its
-    weights and tokenizer for fine-tuning."""
+def new_model(spec: str, seed: int, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer or None) to train, in `dtype`: a preset or .json/.toml config gets a seeded
+    random init (in fp32, then cast; no tokenizer of its own: None); anything else (GGUF, HF dir, hub id,
+    `default`) is loaded with its weights and tokenizer for fine-tuning."""
     from gemmakit.model import build
-    from gemmakit.train.distill import student_config
 
-    if spec in CONFIGS or spec.endswith((".json", ".toml")):
-        config = student_config(spec)
-        model = build(config, "cpu")
+    if _is_config(spec):
+        from gemmakit.train.distill import student_config
+
+        model = build(student_config(spec), "cpu")
         model.init_weights(generator=torch.Generator().manual_seed(seed))
-        return model, None
+        return model.to(dtype), None
     from gemmakit import hub
 
-    return hub.load(spec)
+    return hub.load(spec, dtype=dtype)
+
+
+def _is_config(spec: str) -> bool:
+    return spec in CONFIGS or spec.endswith((".json", ".toml"))
+
+
+def model_config(spec: str):
+    """The Config of a model SPEC (preset, config file or weights), read without loading weights."""
+    from gemmakit import hub
+    from gemmakit.train.distill import student_config
+
+    return student_config(spec) if _is_config(spec) else hub.load_config(spec)
 
 
 def _check_run_dir(args: argparse.Namespace, extra: dict) -> None:
-    """Before any loading: refuse to overwrite an earlier run, or to resume it with other settings."""
+    """Before any loading: refuse bad LoRA options, to overwrite an earlier run, or to resume it with
+    other settings."""
+    if args.quantize_base and not args.lora_rank:
+        raise ValueError(f"--quantize-base {args.quantize_base} needs --lora-rank: the quantized base is frozen, "
+                         f"only LoRA adapters train (QLoRA)")
     check_out(args.out, args.resume, args.overwrite)
     if args.resume:
         saved_cfg, saved_extra = saved_settings(Path(args.out) / CHECKPOINT)
@@ -181,16 +201,20 @@ def _run_extra(args: argparse.Namespace, **objective) -> dict:
     """What a checkpoint records beyond TrainConfig, compared on --resume."""
     meta = load_meta(args.data)
     return {"model": _spec_id(args.model), "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+            **({"quantize_base": args.quantize_base} if args.quantize_base else {}),
             "data": {"train_tokens": int(meta["tokens"]["train"]), "documents": int(meta["documents"]["train"])},
             **objective}
 
 
 def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_fn=None, extra: dict | None = None,
-         max_windows: int | None = None, chat: bool = False) -> None:
+         max_windows: int | None = None, chat: bool = False, wrap_data=None) -> None:
     """Train `model` on args.data with the TrainConfig options; save OUT/model at the end (rank 0), with
     `tokenizer` (the fine-tuned model's), or the data's tokenizer for a model trained from scratch.
     With LoRA, OUT/adapter gets the adapters in PEFT's format too (text models), OUT/model the merged
-    weights. `chat`: args.data is chat data (ChatData: whole conversations, loss on the replies)."""
+    weights; with --quantize-base (QLoRA) the base is quantized first (gemmakit.train.qlora), and
+    OUT/model is the unquantized base (bf16) with the adapter folded in.
+    `chat`: args.data is chat data (ChatData: whole conversations, loss on the replies).
+    `wrap_data(data, model)`: the training batches' source made from the data (on-policy SFT)."""
     from gemmakit.train.distill import check_pieces
     from gemmakit.train.parallel import apply_activation_checkpointing, init_distributed, shard
 
@@ -206,11 +230,20 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_
     if tokenizer is None:
         print(f"gemmakit: warning: {args.data} names no tokenizer gemmakit can load; {Path(args.out) / 'model'} will "
               f"have none (prepare the data with `gemmakit data prepare`)", file=sys.stderr)
+    if args.quantize_base:
+        from gemmakit.train.qlora import quantize_base
+
+        if model.config.vision is not None:
+            raise ValueError("--quantize-base is for text models: a vision model's adapter cannot be saved for "
+                             "its unquantized base (PEFT's module names of the vision wrapper are not mapped)")
+        quantize_base(model, args.quantize_base)
     if args.lora_rank:
         from gemmakit.train.lora import apply_lora
 
         apply_lora(model, args.lora_rank, args.lora_alpha, generator=torch.Generator().manual_seed(cfg.seed))
     rank, world = init_distributed()
+    if world > 1 and (args.quantize_base or wrap_data is not None):
+        raise ValueError("--quantize-base and --on-policy run in one process (not under torchrun)")
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if world > 1:
@@ -220,6 +253,8 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_
         from gemmakit.train.chat_data import ChatData
 
         data = ChatData(args.data, "train", cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+        if wrap_data is not None:
+            data = wrap_data(data, model)
         if meta["documents"]["val"]:
             val = ChatData(args.data, "val", cfg.seq_len, cfg.batch_size, shuffle=False)
     else:
@@ -243,9 +278,19 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_
     if args.lora_rank:
         from gemmakit.train.lora import merge_lora, save_adapter
 
+        adapter = Path(args.out) / "adapter"
         if model.config.vision is None:  # a vision model's HF module names differ from ours (not mapped)
-            save_adapter(model, Path(args.out) / "adapter", base_model_name_or_path=_spec_id(args.model))
-        merge_lora(model)
+            save_adapter(model, adapter, base_model_name_or_path=_spec_id(args.model))
+        if args.quantize_base:
+            from gemmakit.adapters import load_adapter
+
+            # The adapter is for the unquantized base, as --adapter applies it. The quantized model's
+            # memory goes first (the caller still holds the module): the base is loaded in its place.
+            model.to("meta")
+            model, _ = new_model(args.model, args.seed, torch.bfloat16)
+            load_adapter(model, adapter)
+        else:
+            merge_lora(model)
     weights.save(model, Path(args.out) / "model", tokenizer=tokenizer)
     last = res["log"][-1] if res["log"] else {}
     report = {"step": res["step"], "loss": last.get("loss"), "val_loss": last.get("val_loss"),
@@ -258,8 +303,15 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_
 def train_cmd(args: argparse.Namespace) -> None:
     extra = _run_extra(args, objective="cross_entropy")
     _check_run_dir(args, extra)
-    model, tokenizer = new_model(args.model, args.seed)
+    model, tokenizer = new_model(args.model, args.seed, _base_dtype(args))
     _fit(args, model, tokenizer, extra=extra)
+
+
+def _base_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The dtype a model to train is loaded in: bf16 for a base that is quantized next (QLoRA; from
+    bf16, the int8/int4 rounding is the same to well within its step, and loading takes half the
+    memory), else fp32 (the trainer keeps fp32 weights; --bf16 is autocast)."""
+    return torch.bfloat16 if args.quantize_base else torch.float32
 
 
 def teacher_cache(args: argparse.Namespace) -> None:
@@ -298,7 +350,7 @@ def distill(args: argparse.Namespace) -> None:
         settings = {"k": args.k} if objective == "sampled" else {"temperature": args.temperature}
         extra = _run_extra(args, objective=objective, teacher=_spec_id(args.teacher), alpha=args.alpha, **settings)
     _check_run_dir(args, extra)
-    student, tokenizer = new_model(args.model, args.seed)
+    student, tokenizer = new_model(args.model, args.seed, _base_dtype(args))
     config = student.config
     if args.teacher_cache:
         cache.check(args.data, args.seq_len, args.mask_documents, config.vocab_size)
@@ -321,17 +373,8 @@ def distill(args: argparse.Namespace) -> None:
 
 
 def sft_cmd(args: argparse.Namespace) -> None:
-    """`gemmakit sft`: supervised fine-tuning on chat data; the loss is on the model turns only."""
-    meta = load_meta(args.data)
-    if meta.get("format") != "chat":
-        raise ValueError(f"{args.data} is plain-text data: prepare conversations with `gemmakit data prepare --chat`")
-    if args.seq_len is None:
-        args.seq_len = int(meta["seq_len"])
-    args.mask_documents = True  # conversations are packed with document masking, always
-    extra = _run_extra(args, objective="sft")
-    _check_run_dir(args, extra)
-    model, tokenizer = new_model(args.model, args.seed)
-    if meta.get("generation") not in (None, model.config.generation):
-        raise ValueError(f"the data was rendered with Gemma {meta['generation']}'s template, the model is Gemma "
-                         f"{model.config.generation}: prepare it with the model's tokenizer")
-    _fit(args, model, tokenizer, extra=extra, chat=True)
+    """`gemmakit sft`: supervised fine-tuning on chat data; the loss is on the model turns only
+    (gemmakit.train.sft: with a teacher, off- or on-policy)."""
+    from gemmakit.train.sft import sft
+
+    sft(args)

@@ -4,6 +4,7 @@
 - `cached_sampled_loss(cache)`: Gemma 3 sampled-logit distillation from a teacher cache (no teacher
   in memory).
 - `online_sampled_loss(teacher, k)`: the same objective with the sample drawn on the fly.
+- `online_jsd_loss(teacher, beta)`: GKD's generalized JSD (forward KL, reverse KL or between), for SFT.
 Students: a preset name, or a JSON/TOML file `{"base": "<preset>", <Config field>: value, ...}`.
 
 Vocabularies: the student's ids must be teacher ids with the same pieces. Gemma 3 4B/12B/27B have
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from gemmakit.config import CONFIGS, GLOBAL, Config, get_config, layer_pattern
-from gemmakit.train.losses import distill_full, distill_sampled, sample_teacher
+from gemmakit.train.losses import IGNORE, distill_full, distill_jsd, distill_sampled, sample_teacher
 from gemmakit.train.teacher_cache import TeacherCache
 from gemmakit.train.trainer import LossFn
 
@@ -82,7 +83,8 @@ def check_pieces(a, b, a_name: str, b_name: str) -> None:
 
 
 def _teacher_hidden(teacher: torch.nn.Module, batch: dict) -> torch.Tensor:
-    with torch.no_grad():
+    # Inference mode: no autograd bookkeeping at all for the frozen teacher (its output is only read).
+    with torch.inference_mode():
         return teacher.hidden(batch["tokens"], batch.get("positions"), segment_ids=batch.get("segment_ids"))
 
 
@@ -101,9 +103,22 @@ def online_full_loss(teacher: torch.nn.Module, temperature: float = 1.0, alpha: 
     return f
 
 
+def online_jsd_loss(teacher: torch.nn.Module, beta: float = 0.0, temperature: float = 1.0, alpha: float = 0.0,
+                    chunk: int = 1024) -> LossFn:
+    """GKD's generalized JSD to the teacher run on every batch (losses.distill_jsd; beta 0: forward KL)."""
+    teacher.eval().requires_grad_(False)
+
+    def f(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        th = _teacher_hidden(teacher, batch)
+        return distill_jsd(model, _student_hidden(model, batch), teacher, th, batch["targets"], beta, temperature,
+                           alpha, chunk)
+    return f
+
+
 def online_sampled_loss(teacher: torch.nn.Module, k: int = 256, alpha: float = 0.0, chunk: int = 1024,
-                        seed: int = 0) -> LossFn:
-    """Sampled-logit distillation with the sample drawn now (same estimator as the cache)."""
+                        seed: int = 0, kl: bool = False) -> LossFn:
+    """Sampled-logit distillation with the sample drawn now (same estimator as the cache); `kl`: report
+    the KL form (see losses.distill_sampled)."""
     teacher.eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     if not 0 < k <= teacher.config.vocab_size:
@@ -111,16 +126,18 @@ def online_sampled_loss(teacher: torch.nn.Module, k: int = 256, alpha: float = 0
 
     def f(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         th = _teacher_hidden(teacher, batch)
-        ids, probs = [], []
+        targets = batch["targets"].reshape(-1)
+        ids = torch.zeros(targets.shape[0], k, dtype=torch.long, device=th.device)
+        probs = torch.zeros(targets.shape[0], k, device=th.device)
         with torch.no_grad():
-            flat = th.reshape(-1, th.shape[-1]).float()
+            # Sampled only where a target is counted (distill_sampled drops the other rows).
+            keep = (targets != IGNORE).nonzero()[:, 0]
+            flat = th.reshape(-1, th.shape[-1])[keep].float()
             for s in range(0, flat.shape[0], chunk):
                 # Over the student's ids only: sampling and renormalizing the truncated logits.
                 i, p = sample_teacher(teacher.logits(flat[s:s + chunk])[:, :model.config.vocab_size], k, gen)
-                ids.append(i)
-                probs.append(p)
-        return distill_sampled(model, _student_hidden(model, batch), torch.cat(ids), torch.cat(probs),
-                               batch["targets"], alpha, chunk)
+                ids[keep[s:s + chunk]], probs[keep[s:s + chunk]] = i, p
+        return distill_sampled(model, _student_hidden(model, batch), ids, probs, targets, alpha, chunk, kl=kl)
     return f
 
 

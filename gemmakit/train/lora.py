@@ -1,11 +1,16 @@
 """LoRA adapters applied from outside the model, and merging them back.
 
-`apply_lora` registers a parametrization on the chosen Linear layers: their weight becomes
-W + (B @ A) * alpha / rank, with W frozen and only A [rank, in] and B [out, rank] trained. B starts at
-zero, so the adapted model starts exactly equal to the base model. `merge_lora` folds B @ A into W
-and removes the parametrization, which leaves a plain model with the original parameter names (a
-checkpoint saved after merging loads like any other). `save_adapter` writes the adapters alone in
-PEFT's format (gemmakit.adapters), which `peft.PeftModel.from_pretrained` and `--adapter` load.
+`apply_lora` wraps the chosen Linear layers in `LoRALinear`: y = base(x) + (x A^T) B^T * alpha / rank,
+with the base frozen and only A [rank, in] and B [out, rank] trained. B starts at zero, so the adapted
+model starts exactly equal to the base model. The update is added to the layer's OUTPUT rather than to
+its weight (W + B A): the backward then never forms a full [out, in] weight gradient, only x's and the
+two thin matrices', which saves a third of the blocks' matrix products in a step (a weight gradient per
+layer is as costly as the layer's forward), and the base may be a quantized layer that is never
+materialized whole (QLoRA, gemmakit.train.qlora).
+
+`merge_lora` folds B @ A into W and puts the plain Linear back, which leaves the original parameter
+names (a checkpoint saved after merging loads like any other). `save_adapter` writes the adapters alone
+in PEFT's format (gemmakit.adapters), which `peft.PeftModel.from_pretrained` and `--adapter` load.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+
+from gemmakit.train.qlora import QuantLinear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -30,40 +37,69 @@ class LoRA(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator))
         self.B = nn.Parameter(torch.zeros(out_features, rank))
 
-    def forward(self, weight: Tensor) -> Tensor:
-        return weight + (self.B @ self.A).to(weight.dtype) * self.scale
+    def forward(self, x: Tensor) -> Tensor:
+        """The update (x A^T) B^T * scale [..., out] in x's dtype (under autocast, autocast's)."""
+        return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
+
+    def delta(self) -> Tensor:
+        """B @ A * scale [out, in] fp32: what merging adds to the weight."""
+        return (self.B.float() @ self.A.float()) * self.scale
+
+
+class LoRALinear(nn.Module):
+    """A frozen layer (nn.Linear, or a QuantLinear for QLoRA) plus a LoRA update of its output."""
+
+    def __init__(self, base: nn.Linear | QuantLinear, lora: LoRA) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base, self.lora = base, lora
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.lora(x)
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: tuple[str, ...] = TARGETS,
                generator: torch.Generator | None = None) -> int:
-    """Freeze `model` and add LoRA adapters to the Linear layers named in `targets`; returns how many."""
+    """Freeze `model` and add LoRA adapters to the Linear (or QuantLinear) layers named in `targets`;
+    returns how many. Raises ValueError for a rank below 1 or no layer to adapt."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}")
     model.requires_grad_(False)
     n = 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            w = module.weight
-            lora = LoRA(w.shape[0], w.shape[1], rank, alpha, generator).to(device=w.device, dtype=torch.float32)
-            parametrize.register_parametrization(module, "weight", lora)
-            n += 1
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Linear, QuantLinear)) and name in targets:
+                w = child.weight if isinstance(child, nn.Linear) else None
+                lora = LoRA(child.out_features, child.in_features, rank, alpha, generator).to(
+                    device=w.device if w is not None else child.device, dtype=torch.float32)
+                setattr(parent, name, LoRALinear(child, lora))
+                n += 1
     if n == 0:
         raise ValueError(f"no Linear layer named one of {targets} to adapt")
     return n
 
 
+@torch.no_grad()
 def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its weight and return to plain, trainable parameters."""
-    for module in model.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    """Fold every adapter into its weight (W += B A scale, in fp32) and return to plain, trainable
+    Linear layers. Raises ValueError for adapters on a quantized base: those are applied to the
+    unquantized base instead (save_adapter, then gemmakit.adapters.load_adapter)."""
+    if any(isinstance(m, LoRALinear) and not isinstance(m.base, nn.Linear) for m in model.modules()):
+        raise ValueError("the adapters sit on a quantized base (QLoRA): save them with save_adapter and apply "
+                         "them to the unquantized base (gemmakit.adapters.load_adapter, --adapter)")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                w = child.base.weight
+                w.copy_((w.float() + child.lora.delta()).to(w.dtype))
+                setattr(parent, name, child.base)
     model.requires_grad_(True)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRA]:
-    """{module name: its LoRA} of every adapted Linear layer (names are the HF ones)."""
-    return {name: m.parametrizations.weight[0] for name, m in model.named_modules()
-            if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], LoRA)}
+    """{layer name: its LoRA} of every adapted layer (names are the HF ones, e.g.
+    model.layers.0.self_attn.q_proj)."""
+    return {name: m.lora for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def save_adapter(model: nn.Module, path, base_model_name_or_path: str | None = None):

@@ -16,7 +16,10 @@ arrays; the tests check it against autograd on the plain formulas. The head itse
 Gemma 2's soft-cap) is differentiated by autograd. Without a gradient (evaluation) the chunks are
 simply evaluated under no_grad.
 
-All losses return the MEAN over the tokens whose target is not `IGNORE` (-100).
+All losses return the MEAN over the tokens whose target is not `IGNORE` (-100), and run the LM head
+only on those tokens: the rows of the others are dropped before the head (`_kept`), so they cost
+nothing and cannot influence the loss (in chat SFT, the prompts' tokens are about half of a sequence,
+and the head with its 262,144 rows was over half of a training step of the 270M).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def forward(ctx, h: Tensor, weight: Tensor, head: Callable[[Tensor], Tensor], chunk_fn: ChunkFn,
                 chunk: int) -> Tensor:  # type: ignore[override]
         grad_h = torch.zeros_like(h)
-        grad_w = torch.zeros_like(weight) if weight.requires_grad else None
+        grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk):
             sl = slice(start, start + chunk)
@@ -47,22 +50,30 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 hc = h[sl].detach().requires_grad_(True)
                 z = head(hc)
             loss, dz = chunk_fn(z.detach().float(), sl, True)
-            inputs = [hc] + ([weight] if grad_w is not None else [])
+            inputs = [hc] + ([weight] if weight.requires_grad else [])
             grads = torch.autograd.grad(z, inputs, grad_outputs=dz.to(z.dtype), allow_unused=True)
             del z, dz
             grad_h[sl] = grads[0]
-            if grad_w is not None and grads[1] is not None:
-                grad_w += grads[1]
+            if weight.requires_grad and grads[1] is not None:
+                # The first chunk's weight gradient is kept as it comes: adding it to a zero-filled
+                # [vocab, d] buffer would cost two passes over it (0.7 s at one thread for the 270M).
+                grad_w = grads[1] if grad_w is None else grad_w.add_(grads[1])
             total += loss
-        ctx.save_for_backward(grad_h, *([grad_w] if grad_w is not None else []))
-        ctx.has_w = grad_w is not None
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.used = False
         return total
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        saved = ctx.saved_tensors
-        gh = saved[0] * grad_out.to(saved[0].dtype)
-        gw = saved[1] * grad_out.to(saved[1].dtype) if ctx.has_w else None
+        if ctx.used:
+            raise RuntimeError("a chunked head loss scales its stored gradients in place: one backward only "
+                               "(retain_graph is not supported)")
+        ctx.used = True
+        gh, gw = ctx.saved_tensors
+        # In place: these buffers are this function's own and used once; a scaled copy of a trainable
+        # head's [vocab, d] gradient cost 0.9 s per step at one thread for the 270M.
+        gh = gh.mul_(grad_out.to(gh.dtype))
+        gw = gw.mul_(grad_out.to(gw.dtype)) if gw is not None else None
         return gh, gw, None, None, None
 
 
@@ -87,27 +98,46 @@ def _count(targets: Tensor) -> Tensor:
     return (targets != IGNORE).sum().clamp(min=1)
 
 
+def _kept(targets: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
+    """(targets, *rows) restricted to the rows whose target is not IGNORE (all flattened to [N, ...])."""
+    targets = targets.reshape(-1)
+    rows = tuple(r.reshape(targets.shape[0], -1) for r in rows)  # [..., X] per target -> [N, X]
+    keep = targets != IGNORE
+    if bool(keep.all()):  # plain text: nothing to drop, no copy
+        return (targets, *rows)
+    idx = keep.nonzero()[:, 0]
+    return (targets[idx], *(r[idx] for r in rows))
+
+
 def _ce_chunk(z: Tensor, t: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """Summed CE of logits z [n, V] against targets t [n]; d/dz = softmax(z) - onehot(t), 0 on ignored rows."""
+    """Summed CE of logits z [n, V] against targets t [n]; d/dz = softmax(z) - onehot(t), 0 on ignored rows.
+
+    One [n, V] temporary besides z: the softmax numerators exp(z - max), which become the gradient in
+    place (logsumexp, then exp(z - lse), then the subtraction each allocated another)."""
     valid = t != IGNORE
     tt = t.clamp(min=0)[:, None]
-    lse = torch.logsumexp(z, dim=-1)
-    loss = ((lse - z.gather(1, tt)[:, 0]) * valid).sum()
+    picked = z.gather(1, tt)[:, 0]
+    top = z.amax(-1, keepdim=True)
+    e = (z - top).exp_()
+    total = e.sum(-1, keepdim=True)
+    lse = (top + total.log())[:, 0]
+    loss = ((lse - picked) * valid).sum()
     if not want_grad:
         return loss, None
-    dz = torch.exp(z - lse[:, None])
+    dz = e.div_(total)
     dz.scatter_add_(1, tt, torch.full_like(tt, -1, dtype=dz.dtype))
     return loss, dz.mul_(valid[:, None])
 
 
 def cross_entropy(model, h: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
     """Mean next-token cross-entropy. h [..., d] final hidden states, targets [...] (IGNORE = skip)."""
-    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    n = _count(targets)
+    targets, h = _kept(targets, h)
 
     def fn(z: Tensor, sl: slice, want_grad: bool) -> tuple[Tensor, Tensor | None]:
         return _ce_chunk(z, targets[sl], want_grad)
 
-    return chunked_head_loss(model, h, fn, chunk) / _count(targets)
+    return chunked_head_loss(model, h, fn, chunk) / n
 
 
 def _mixed(kd: Tensor, dkd: Tensor | None, z: Tensor, t: Tensor, alpha: float,
@@ -132,27 +162,101 @@ def distill_full(model, h: Tensor, teacher, teacher_h: Tensor, targets: Tensor, 
     so neither model's full [tokens x vocab] logits exist at once. Targets equal to IGNORE are skipped.
     Gradient w.r.t. the student logits: T * (softmax(z / T) - P_T) per valid token (P_T sums to 1).
     """
-    h, teacher_h, targets = h.reshape(-1, h.shape[-1]), teacher_h.reshape(-1, teacher_h.shape[-1]), targets.reshape(-1)
-    V = model.config.vocab_size
-    if teacher.config.vocab_size < V:
-        raise ValueError(f"teacher vocabulary ({teacher.config.vocab_size}) is smaller than the student's ({V}): "
-                         f"distillation needs a shared tokenizer (the student's ids must be teacher ids)")
-    valid = (targets != IGNORE).float()
+    V = _check_teacher(model, teacher)
+    n = _count(targets)
+    targets, h, teacher_h = _kept(targets, h, teacher_h)
     T = temperature
 
     def fn(z: Tensor, sl: slice, want_grad: bool) -> tuple[Tensor, Tensor | None]:
         with torch.no_grad():  # softmax in place: one [chunk x vocab] teacher array, not two
-            # A teacher with more rows (Gemma 3 4B+: 262,208 vs 262,144): its distribution over the
-            # student's ids, renormalized, is the softmax of its logits truncated to them.
-            zt = teacher.logits(teacher_h[sl]).float()[:, :V]
-            zt = zt / T if T != 1.0 else zt
-            p_t = zt.sub_(torch.logsumexp(zt, dim=-1, keepdim=True)).exp_()
-        logq = torch.log_softmax(z / T, dim=-1)
-        kd = (-(p_t * logq).sum(-1) * valid[sl]).sum() * T * T
-        dkd = logq.exp_().sub_(p_t).mul_(valid[sl, None] * T) if want_grad else None
+            p_t = _teacher_logp(teacher, teacher_h[sl], V, T).exp_()
+        logq = _student_logp(z, T)
+        kd = -(p_t * logq).sum() * T * T
+        dkd = logq.exp_().sub_(p_t).mul_(T) if want_grad else None
         return _mixed(kd, dkd, z, targets[sl], alpha, want_grad)
 
-    return chunked_head_loss(model, h, fn, chunk) / _count(targets)
+    return chunked_head_loss(model, h, fn, chunk) / n
+
+
+def _check_teacher(model, teacher) -> int:
+    """The student's vocabulary size; ValueError if the teacher has fewer rows."""
+    V = model.config.vocab_size
+    if teacher.config.vocab_size < V:
+        raise ValueError(f"teacher vocabulary ({teacher.config.vocab_size}) is smaller than the student's ({V}): "
+                         f"distillation needs a shared tokenizer (the student's ids must be teacher ids)")
+    return V
+
+
+def _teacher_logp(teacher, teacher_h: Tensor, V: int, T: float) -> Tensor:
+    """log softmax(teacher logits / T) [n, V] fp32, over the student's V ids. A teacher with more rows
+    (Gemma 3 4B+: 262,208 vs 262,144): its distribution over the student's ids, renormalized, is the
+    softmax of its logits truncated to them."""
+    zt = teacher.logits(teacher_h).float()[:, :V]
+    zt = zt / T if T != 1.0 else zt
+    return zt.sub_(torch.logsumexp(zt, dim=-1, keepdim=True))
+
+
+def _student_logp(z: Tensor, T: float) -> Tensor:
+    """log softmax(z / T) by the same operations as `_teacher_logp`: equal logits give bit-equal log-probs,
+    so a student equal to its teacher gets exactly zero gradient (log_softmax's own kernel rounds
+    differently, and AdamW turns a 1e-9 gradient into a full lr-sized step)."""
+    z = z / T if T != 1.0 else z
+    return z - torch.logsumexp(z, dim=-1, keepdim=True)
+
+
+def distill_jsd(model, h: Tensor, teacher, teacher_h: Tensor, targets: Tensor, beta: float = 0.0,
+                temperature: float = 1.0, alpha: float = 0.0, chunk: int = 1024) -> Tensor:
+    """GKD's generalized Jensen-Shannon divergence (Agarwal et al., 2024, "On-policy distillation of
+    language models"), per token, between the teacher's distribution P_T and the student's P_S:
+
+        beta = 0:      KL(P_T || P_S)  forward KL, mode-covering: the Gemma 2/3 objective (distill_full's
+                       cross-entropy minus the teacher's entropy: the same gradient, and 0 at P_S = P_T)
+        0 < beta < 1:  beta KL(P_T || M) + (1 - beta) KL(P_S || M),  M = beta P_T + (1 - beta) P_S
+        beta = 1:      KL(P_S || P_T)  reverse KL, mode-seeking
+
+    (TRL's GKDTrainer convention: the ends are the limits of JSD(beta) / beta and / (1 - beta), since
+    JSD(0) = JSD(1) = 0.) Every value is >= 0 and 0 exactly when P_S = P_T, where the gradient is 0 too.
+    Temperature T and the T^2 factor as in `distill_full`; mixed with CE as (1 - alpha) KD + alpha CE.
+    h, teacher_h [..., d]; targets [...] (IGNORE = skipped: neither model's head runs there). Returns the
+    mean over the kept tokens. Gradient w.r.t. u = z / T, with g = dKD/dP_S:
+    P_S * (g - <P_S, g>); g = (1 - beta)(log P_S - log M) inside, log P_S - log P_T + 1 at beta = 1,
+    and P_S - P_T directly at beta = 0.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {beta}")
+    V = _check_teacher(model, teacher)
+    n = _count(targets)
+    targets, h, teacher_h = _kept(targets, h, teacher_h)
+    T = temperature
+
+    def fn(z: Tensor, sl: slice, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+        with torch.no_grad():
+            logp_t = _teacher_logp(teacher, teacher_h[sl], V, T)
+        logp_s = _student_logp(z, T)
+        p_s = logp_s.exp()
+        if beta == 0.0:
+            p_t = logp_t.exp()
+            kd = (p_t * (logp_t - logp_s)).sum()
+            du = p_s.sub_(p_t) if want_grad else None
+        elif beta == 1.0:
+            diff = logp_s.sub_(logp_t)  # log P_S - log P_T, in place
+            kl = (p_s * diff).sum(-1, keepdim=True)
+            kd = kl.sum()
+            du = diff.sub_(kl).mul_(p_s) if want_grad else None
+        else:
+            # log M - log P_S = f(d), d = log P_T - log P_S, written so that d = 0 gives exactly 0 (and no
+            # overflow either way): log1p(beta expm1(d)) for d <= 0, d + log(beta + (1 - beta) e^-d) above.
+            d = logp_t - logp_s
+            f = torch.where(d > 0, d + torch.log(beta + (1 - beta) * torch.exp(-d)), torch.log1p(beta * torch.expm1(d)))
+            kd = beta * (logp_t.exp() * (d - f)).sum() - (1 - beta) * (p_s * f).sum()
+            du = None
+            if want_grad:
+                g = f.mul_(beta - 1)  # dJSD/dP_S = (1 - beta)(log P_S - log M)
+                du = g.sub_((p_s * g).sum(-1, keepdim=True)).mul_(p_s)
+        dz = du.mul_(T) if want_grad else None  # d/dz = (d/du) / T, times the T^2 of the loss
+        return _mixed(kd * T * T, dz, z, targets[sl], alpha, want_grad)
+
+    return chunked_head_loss(model, h, fn, chunk) / n
 
 
 def sample_teacher(logits: Tensor, k: int, generator: torch.Generator | None = None,
@@ -182,7 +286,7 @@ def sample_teacher(logits: Tensor, k: int, generator: torch.Generator | None = N
 
 
 def distill_sampled(model, h: Tensor, ids: Tensor, probs: Tensor, targets: Tensor, alpha: float = 0.0,
-                    chunk: int = 1024) -> Tensor:
+                    chunk: int = 1024, kl: bool = False) -> Tensor:
     """Gemma 3 sampled-logit distillation: mean over tokens of -sum_{x in S} Q_T(x) log P_S(x|c).
 
     ids [..., k] are the sampled teacher ids (distinct, see `sample_teacher`), probs [..., k] the
@@ -192,25 +296,27 @@ def distill_sampled(model, h: Tensor, ids: Tensor, probs: Tensor, targets: Tenso
     Sampled ids at or past the student's vocabulary (a teacher with more rows) get Q_T = 0: the target
     is the teacher renormalized over the sample's student ids.
     Optionally mixed with CE: (1 - alpha) * KD + alpha * CE.
+    `kl`: report KL(Q_T || P_S) = sum_S Q_T (log Q_T - log P_S) instead (the same gradient; >= 0, and 0
+    when the student's distribution equals the target: a sample covering the teacher's support and a
+    student equal to the teacher).
     """
-    k = ids.shape[-1]
-    h, ids, probs, targets = h.reshape(-1, h.shape[-1]), ids.reshape(-1, k), probs.reshape(-1, k), targets.reshape(-1)
-    valid = (targets != IGNORE).float()
     V = model.config.vocab_size
+    n = _count(targets)
+    targets, h, ids, probs = _kept(targets, h, ids, probs)
 
     def fn(z: Tensor, sl: slice, want_grad: bool) -> tuple[Tensor, Tensor | None]:
         idx = ids[sl].long()
         outside = idx >= V
         q = probs[sl].float().masked_fill(outside, 0.0)
-        q = q / q.sum(-1, keepdim=True).clamp(min=1e-30) * valid[sl, None]
+        q = q / q.sum(-1, keepdim=True).clamp(min=1e-30)
         idx = idx.masked_fill(outside, 0)  # any student id: its weight is 0
         logp_all = torch.log_softmax(z, dim=-1)
         logp = logp_all.gather(-1, idx)
         # 0 * log p for zero-probability slots (padding past the teacher's support) must stay 0.
-        kd = -(torch.where(q > 0, q * logp, 0.0)).sum()
+        kd = -(torch.where(q > 0, q * (logp - q.log() if kl else logp), 0.0)).sum()
         dkd = None
-        if want_grad:  # d/dz = softmax(z) * sum(Q) - Q scattered to its ids (sum(Q) = 1 on valid rows)
+        if want_grad:  # d/dz = softmax(z) * sum(Q) - Q scattered to its ids (sum(Q) = 1 on every row)
             dkd = logp_all.exp_().mul_(q.sum(-1, keepdim=True)).scatter_add_(1, idx, -q)
         return _mixed(kd, dkd, z, targets[sl], alpha, want_grad)
 
-    return chunked_head_loss(model, h, fn, chunk) / _count(targets)
+    return chunked_head_loss(model, h, fn, chunk) / n

@@ -58,8 +58,10 @@ def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-8) -> Tensor:
     return torch.sin((1 - t) * omega) / s * a + torch.sin(t * omega) / s * b
 
 
-def merge_tensors(method: str, tensors: list[Tensor], weights: list[float], base: Tensor | None) -> Tensor:
-    """One merged tensor (fp32) from the inputs' tensors; see the module docstring for each method."""
+def merge_tensors(method: str, tensors: list[Tensor], weights: list[float], base: Tensor | None,
+                  eta: float = 1.0) -> Tensor:
+    """One merged tensor (fp32) from the inputs' tensors; see the module docstring for each method.
+    eta (slerp with a base only): base + eta * slerp(task vectors), WARP's two last stages in one."""
     if method == "average":
         return sum(w * x for w, x in zip(weights, tensors)) / sum(weights)
     if method == "task-arithmetic":
@@ -71,7 +73,7 @@ def merge_tensors(method: str, tensors: list[Tensor], weights: list[float], base
     for w, d in zip(weights[1:], deltas[1:]):
         total += w
         acc = slerp(acc, d, w / total if total else 0.0)
-    return acc if base is None else base + acc
+    return acc if base is None else base + eta * acc
 
 
 def _check_method(method: str, n: int, weights: list[float] | None, has_base: bool) -> list[float]:
@@ -145,19 +147,22 @@ def _mismatches(first: _Reader, other: _Reader) -> list[str]:
 
 
 def merge(inputs: list[str | os.PathLike], out: str | os.PathLike, method: str = "average",
-          weights: list[float] | None = None, base: str | os.PathLike | None = None) -> Path:
+          weights: list[float] | None = None, base: str | os.PathLike | None = None, eta: float = 1.0) -> Path:
     """Merge the HF checkpoints `inputs` (with `base` where the method uses one) into the directory `out`.
 
     Returns `out`. Raises ValueError naming every architecture or tensor mismatch between the inputs
     (and base), a bad method/weights combination, or a non-float tensor; FileExistsError if `out` is an
     input or a non-empty directory that is not a checkpoint. The output carries the first input's
-    config.json and tokenizer files.
+    config.json and tokenizer files. `eta` != 1 (slerp with a base only) scales the merged task vector:
+    base + eta * slerp(...), WARP's interpolation toward the init (see `warp`).
     """
     from gemmakit.weights import CONFIG, atomic_directory, check_replaceable, write_state
 
     paths = [Path(p).expanduser() for p in inputs]
     base_path = Path(base).expanduser() if base is not None else None
     weights = _check_method(method, len(paths), weights, base_path is not None)
+    if eta != 1.0 and (method != "slerp" or base_path is None):
+        raise ValueError("eta (interpolation toward the base) applies to slerp with a base only")
     target = Path(out).expanduser()
     if any(target.resolve() == p.resolve() for p in [*paths, *([base_path] if base_path else [])]):
         raise FileExistsError(f"--out {target} is one of the models being merged; write the merge elsewhere")
@@ -175,7 +180,7 @@ def merge(inputs: list[str | os.PathLike], out: str | os.PathLike, method: str =
                 raise ValueError(f"tensor {key} of {paths[0]} is {first.dtype}: only float checkpoints merge")
             ts = [first.float()] + [r.get(key).float() for r in readers[1:]]
             b = base_reader.get(key).float() if base_reader is not None else None
-            state[key] = merge_tensors(method, ts, weights, b).to(first.dtype).contiguous()
+            state[key] = merge_tensors(method, ts, weights, b, eta).to(first.dtype).contiguous()
             del ts, b
     with atomic_directory(target) as tmp:
         shutil.copyfile(paths[0] / CONFIG, tmp / CONFIG)
@@ -184,9 +189,20 @@ def merge(inputs: list[str | os.PathLike], out: str | os.PathLike, method: str =
             if (paths[0] / name).is_file():
                 shutil.copyfile(paths[0] / name, tmp / name)
         record = {"method": method, "weights": weights, "models": [str(p) for p in paths],
-                  "base": str(base_path) if base_path else None}
+                  "base": str(base_path) if base_path else None, **({"eta": eta} if eta != 1.0 else {})}
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return target
+
+
+def warp(models: list[str | os.PathLike], base: str | os.PathLike, out: str | os.PathLike, eta: float = 0.5,
+         weights: list[float] | None = None) -> Path:
+    """WARP's merge (Rame et al. 2024, arXiv 2406.16768) of M >= 2 policies RL-tuned from `base`: the
+    task vectors (model - base) merged by SLERP (folded in one at a time, shares `weights`), then
+    linear interpolation toward the init, base + eta * merged (LITI; eta in [0, 1]: 1 keeps the SLERP
+    merge, 0 returns the base). Same checks and atomic write as `merge`."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f"--eta must be in [0, 1] (0: the base, 1: the SLERP merge), got {eta}")
+    return merge(models, out, "slerp", weights, base, eta=eta)
 
 
 # -- commands ----------------------------------------------------------------------------------------
