@@ -31,6 +31,16 @@ def random_model(config: Config, seed: int = 0, std: float = 0.1) -> Gemma:
     return model
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models compute faster on one thread (more only wait for each other; on a busy machine, a lot).
+    Opt in per module with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=[1, 2, 3], ids=lambda g: f"gemma{g}")
 def tiny_model(request) -> Gemma:
     return random_model(tiny_config(request.param))

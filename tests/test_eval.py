@@ -28,6 +28,9 @@ TASKS = ROOT / "tests" / "data" / "lm_eval"
 VOCAB = 300
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(HF directory of a tiny random Gemma 3 that transformers loads, TaskManager over the local tasks);

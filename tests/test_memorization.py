@@ -19,6 +19,9 @@ VOCAB, BOS = 300, 2
 ALPHABET = torch.tensor([23 + ord(c) for c in "BCDFGJKLMPQRUVWXYZ0123456789"])
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
+
 def _texts(n: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [ALPHABET[torch.randint(0, len(ALPHABET), (20,), generator=g)].tolist() for _ in range(n)]
@@ -99,7 +102,7 @@ def _memorizer(seqs: list[list[int]]):
     data = torch.tensor([[BOS, *s] for s in seqs])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: more threads only wait for each other
+    torch.set_num_threads(1)  # module-scoped, so outside the one_thread fixture
     try:
         for step in range(300):
             logits = model(data[:, :-1])

@@ -19,6 +19,9 @@ from gemmakit.tokenizer import Tokenizer
 VOCAB, CONTEXT = 300, 128
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
+
 def _pair(generation: int, trained: int, override: int):
     """(the model trained with `trained` overridden to `override`, the same weights built with `override`)."""
     base = tiny_config(generation).replace(vocab_size=VOCAB, max_seq_len=CONTEXT, sliding_window=trained)
