@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from gemmakit.tokenizer import Special, Tokenizer, chat_segments, encode_segments
-from gemmakit.train.data import SPLITS, Batches, load_meta, split_of
+from gemmakit.train.data import SPLITS, Batches, json_lines, load_meta, split_of
 from gemmakit.train.losses import IGNORE
 
 FORMAT = "chat"
@@ -105,22 +105,12 @@ def read_conversations(inputs: list[str | Path]) -> Iterator[tuple[str, Any]]:
         else:
             raise FileNotFoundError(f"{inp}: no such file or folder")
     for path in files:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                name = f"{path}:{lineno}"
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    yield name, ValueError(f"not valid UTF-8 (byte {e.start})")
-                    continue
-                except json.JSONDecodeError as e:
-                    yield name, ValueError(f"not valid JSON ({e.msg})")
-                    continue
-                if not isinstance(record, dict) or "messages" not in record:
-                    yield name, ValueError("expected an object with a \"messages\" list")
-                    continue
+        for name, record in json_lines(path):
+            if isinstance(record, ValueError):
+                yield name, record
+            elif not isinstance(record, dict) or "messages" not in record:
+                yield name, ValueError("expected an object with a \"messages\" list")
+            else:
                 yield name, record["messages"]
 
 

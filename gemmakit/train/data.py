@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -82,6 +82,22 @@ def read_documents(inputs: list[str | Path]) -> Iterator[Document]:
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
                 yield Document(f"{path}:{lineno}", record["text"], bad)
+
+
+def json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """("path:line", the parsed JSON value, or the ValueError saying why the line is not JSON) for every
+    non-blank line of a strict UTF-8 JSONL file; the caller decides whether a bad line skips or fails."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                value = ValueError(f"not valid UTF-8 (byte {e.start})")
+            except json.JSONDecodeError as e:
+                value = ValueError(f"not valid JSON ({e.msg})")
+            yield f"{path}:{lineno}", value
 
 
 def _file_of(name: str) -> str:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from gemmakit.config import Config, to_hf
 from gemmakit.engine import left_pad
 from gemmakit.model import Gemma
-from gemmakit.train.data import Batches
+from gemmakit.train.data import Batches, json_lines
 
 # transformers' class for each generation (text models only: Gemma 3 4B+ with its vision tower would be
 # Gemma3ForSequenceClassification, which gemmakit does not write).
@@ -171,20 +171,12 @@ def read_jsonl(paths: list[str | os.PathLike]) -> list[tuple[str, dict]]:
             raise ValueError(f"{path} is a directory, not a JSONL file")
         if not path.is_file():
             raise FileNotFoundError(f"no such JSONL file: {path}")
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{where}: not valid UTF-8 (byte {e.start})") from None
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
-                out.append((where, record))
+        for where, record in json_lines(path):
+            if isinstance(record, ValueError):
+                raise ValueError(f"{where}: {record}")
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
+            out.append((where, record))
     return out
 
 
