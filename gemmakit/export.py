@@ -62,16 +62,21 @@ def gguf_name(hf: str, generation: int) -> str:
     raise ValueError(f"tensor {hf} has no GGUF name (not part of a Gemma {generation} text model)")
 
 
-def _encode(name: str, tensor: Tensor, qtype: GGMLQuantizationType) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """(array as the file stores it, its GGUF type): norms as 1 + w in F32, other 1-D tensors F32."""
+def _stored_type(name: str, tensor: Tensor, qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """The GGUF type a tensor is written in: norms and other 1-D tensors F32, matrices `qtype`."""
+    return GGMLQuantizationType.F32 if tensor.ndim < 2 or name.endswith("norm.weight") else qtype
+
+
+def _encode(name: str, tensor: Tensor, out_type: GGMLQuantizationType) -> np.ndarray:
+    """The array as the file stores it in `out_type` (norms as 1 + w, computed in fp32 as the converter does)."""
     arr = tensor.detach().to(torch.float32).cpu().numpy()
     if name.endswith("norm.weight"):
-        return arr + np.float32(1.0), GGMLQuantizationType.F32  # 1 + w computed in fp32, as the converter does
-    if arr.ndim < 2 or qtype == GGMLQuantizationType.F32:
-        return arr, GGMLQuantizationType.F32
-    if qtype == GGMLQuantizationType.F16:
-        return arr.astype(np.float16), qtype
-    return quantize(arr, qtype), qtype  # bf16 bits, or Q8_0/Q4_0 blocks as uint8 rows
+        return arr + np.float32(1.0)
+    if out_type == GGMLQuantizationType.F32:
+        return arr
+    if out_type == GGMLQuantizationType.F16:
+        return arr.astype(np.float16)
+    return quantize(arr, out_type)  # bf16 bits, or Q8_0/Q4_0 blocks as uint8 rows
 
 
 
@@ -167,7 +172,7 @@ def write_gguf(model: Gemma, tokenizer, path: str | os.PathLike, type: str = "f3
         w.add_quantization_version(2)
         planned = []
         for k, t in state.items():
-            out_type = GGMLQuantizationType.F32 if (t.ndim < 2 or k.endswith("norm.weight")) else qtype
+            out_type = _stored_type(k, t, qtype)
             shape = tuple(t.shape)
             if out_type in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0) and shape[-1] % 32:
                 raise ValueError(f"tensor {k} has rows of {shape[-1]} values, not a multiple of 32: it cannot be {type}")
@@ -185,8 +190,8 @@ def write_gguf(model: Gemma, tokenizer, path: str | os.PathLike, type: str = "f3
         w.write_ti_data_to_file()
         for k, out_type, nbytes in tqdm(planned, desc=f"writing {path.name}", unit="tensor", disable=not progress,
                                         leave=False):
-            arr, got = _encode(k, state[k], qtype)
-            assert got == out_type and arr.nbytes == nbytes, (k, got, out_type, arr.nbytes, nbytes)
+            arr = _encode(k, state[k], out_type)
+            assert arr.nbytes == nbytes, (k, out_type, arr.nbytes, nbytes)
             w.write_tensor_data(np.ascontiguousarray(arr))
         w.close()
         umask = os.umask(0)
