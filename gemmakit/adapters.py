@@ -9,7 +9,8 @@ lora_alpha / r (PEFT's use_rslora: lora_alpha / sqrt(r)). So `peft.PeftModel.fro
 gemmakit adapter to transformers' Gemma, and gemmakit applies a PEFT adapter (`load_adapter`).
 
 This module sits beside the engine (it imports no training code): `--adapter DIR` on generate, chat and
-perplexity folds the adapter into the loaded weights before any quantization.
+perplexity folds the adapter into the loaded weights before any quantization. gemmakit ships one adapter
+of its own, for the embedded model (`default_adapter`), which `chat` applies unless --no-adapter.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel wraps the transformers model as base_model.model
 # Settings of a LoRA adapter that change what it computes beyond W + B A scale; refused unless off.
 _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False}
+# gemmakit's own chat adapter for the embedded model, shipped as package data (see default_adapter).
+DEFAULT_ADAPTER_DIR = Path(__file__).resolve().parent / "default_adapter"
 _UNSUPPORTED_IF_SET = ("modules_to_save", "layer_replication", "trainable_token_indices", "target_parameters",
                        "alora_invocation_tokens")
 
@@ -134,15 +137,29 @@ def _module_name(name: str, model: nn.Module) -> str:
     return next((n + name[len(o):] for o, n in _RENAMES if name.startswith(o)), name)
 
 
-@torch.no_grad()
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> int:
-    """Fold the PEFT LoRA adapter in `path` into `model`'s weights (W += B @ A * scale, in fp32, then
-    cast to W's dtype); returns the number of adapted layers.
+def default_adapter() -> Path | None:
+    """The chat adapter shipped with gemmakit for the embedded Gemma 3 270M, or None if this install has none.
 
-    Every adapter tensor is checked before any weight changes: a module the model lacks, a shape that
-    does not fit, or a quantized weight is named in one ValueError (load the adapter before quantizing).
+    A PEFT LoRA directory (gemmakit/default_adapter/: rank 8 on every attention and MLP projection) trained
+    by experiments/sft_chat.py on chatterbot-corpus's English dialogs (BSD-3-Clause; docs/sft.md has the
+    run and its figures). `gemmakit chat` on the embedded model folds it in unless `--no-adapter`.
+    """
+    d = DEFAULT_ADAPTER_DIR
+    return d if (d / ADAPTER_CONFIG).is_file() and (d / ADAPTER_WEIGHTS).is_file() else None
+
+
+def check_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """What stops the adapter in `path` from applying to `model`, one line per module (empty: it fits).
+
+    Looks only at module types and shapes, so `model` may be built on the meta device (no weights
+    loaded). Raises as `read_adapter` does for a directory that is not a readable LoRA adapter.
     """
     _, lora = read_adapter(path)
+    return _plan(model, lora)[0]
+
+
+def _plan(model: nn.Module, lora: dict[str, tuple[Tensor, Tensor, float]]) -> tuple[list[str], list[tuple]]:
+    """(problems, [(weight, A, B, scale)]) of folding `lora` into `model`."""
     modules = dict(model.named_modules())
     problems, plan = [], []
     for name, (a, b, scale) in lora.items():
@@ -157,6 +174,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> int:
             problems.append(f"{name}: adapter is for a [{b.shape[0]}, {a.shape[1]}] weight, the model's is {list(w.shape)}")
         else:
             plan.append((w, a, b, scale))
+    return problems, plan
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> int:
+    """Fold the PEFT LoRA adapter in `path` into `model`'s weights (W += B @ A * scale, in fp32, then
+    cast to W's dtype); returns the number of adapted layers.
+
+    Every adapter tensor is checked before any weight changes: a module the model lacks, a shape that
+    does not fit, or a quantized weight is named in one ValueError (load the adapter before quantizing).
+    """
+    _, lora = read_adapter(path)
+    problems, plan = _plan(model, lora)
     if problems:
         raise ValueError(f"adapter {path} does not fit the model ({len(problems)} problems): " + "; ".join(problems))
     for w, a, b, scale in plan:

@@ -3,7 +3,8 @@
 Commands start with `/` and are never sent to the model. Every turn re-renders the whole conversation
 (message content as plain text: a typed `<end_of_turn>` stays text, see tokenizer.chat_segments) and
 streams the reply through the same engine path as `gemmakit generate`. Piped stdin gives a transcript
-on stdout: `> message`, the reply, a blank line.
+on stdout: `> message`, the reply, a blank line. On the embedded model the chat folds in gemmakit's
+shipped chat adapter unless --no-adapter (`chat_adapter`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,32 @@ def looks_like_base_model(spec: str | None) -> bool:
         return True
     words = set(re.split(r"[^a-z0-9]+", " ".join(Path(spec).parts[-2:]).lower()))
     return not words & _TUNED_WORDS
+
+
+def chat_adapter(args: argparse.Namespace) -> str | None:
+    """The adapter `chat` folds into the model: --adapter DIR if given; for the embedded model, gemmakit's
+    shipped chat adapter (adapters.default_adapter) unless --no-adapter; else None.
+
+    Checked before any weights load: --no-adapter with --adapter is a ValueError. A shipped adapter that
+    does not fit the embedded model (another embedded model than it was trained for) is left out with a
+    warning on stderr rather than failing the chat.
+    """
+    from gemmakit import hub
+    from gemmakit.adapters import check_adapter, default_adapter
+    from gemmakit.model import build
+
+    if getattr(args, "no_adapter", False):
+        if args.adapter:
+            raise ValueError("--no-adapter and --adapter DIR contradict each other: give one")
+        return None
+    if args.adapter or not hub.is_default(args.model) or (shipped := default_adapter()) is None:
+        return args.adapter
+    problems = check_adapter(build(hub.load_config(args.model), "meta"), shipped)
+    if problems:
+        print(f"gemmakit: warning: gemmakit's chat adapter does not fit {hub.EMBEDDED} ({problems[0]}); "
+              "chatting with the raw base", file=sys.stderr)
+        return None
+    return str(shipped)
 
 
 def _chat_lines(interactive: bool):
@@ -97,9 +124,16 @@ def run(args: argparse.Namespace) -> None:
         chat_segments([{"role": "system", "content": args.system}, {"role": "user", "content": "x"}],
                       hub.load_config(args.model).generation)
     cli._warn_if_ignored(args)
+    adapter = chat_adapter(args)
+    shipped = adapter is not None and args.adapter is None
+    args = argparse.Namespace(**{**vars(args), "adapter": adapter})
     model, tokenizer = cli._load(args)
     interactive = sys.stdin.isatty()
-    if looks_like_base_model(args.model):
+    if shipped:
+        print(f"gemmakit: note: {hub.EMBEDDED} base with gemmakit's chat adapter (LoRA tuned on chatterbot-corpus's "
+              "short English dialogs, BSD-3-Clause): it answers briefly and ends its turns, but it is a 270M model "
+              "and often wrong on facts; --no-adapter chats with the raw base", file=sys.stderr)
+    elif looks_like_base_model(args.model):
         what = (f"{hub.EMBEDDED} is a base model" if hub.is_default(args.model) else
                 f"{args.model} looks like a base model (its name has no it, instruct or chat)")
         print(f"gemmakit: note: {what}, not instruction-tuned: it continues text rather than answering, so its "

@@ -53,17 +53,56 @@ def _at_least(flag: str, value: int | None, minimum: int, why: str = "") -> None
         raise UserError(f"{flag} must be at least {minimum}{why}, got {value}")
 
 
+_TRAIN_ONLY = ("gpus", "seq_len", "lora_rank", "quantize_base", "activation_checkpointing", "bf16", "chunk",
+               "gpu_memory")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from gemmakit import hub
     from gemmakit.engine import format_plan, memory_plan
 
+    if not args.train:
+        given = [name for name in _TRAIN_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} plans training memory: add --train")
+    elif args.context is not None or args.kv_dtype is not None:
+        raise UserError(f"--{'context' if args.context is not None else 'kv-dtype'} plans inference memory, "
+                        f"not training (--train): give --seq-len for training sequences")
     _at_least("--context", args.context, 1)  # 0 is not "the default": it is refused
     _at_least("--batch", args.batch, 1)
     config = hub.load_config(args.model)  # a preset, GGUF file, HF directory, hub id or default; no weights
+    if args.train:
+        return _info_train(args, config)
     context = config.max_seq_len if args.context is None else args.context
-    plan = memory_plan(config, context, args.batch, args.kv_dtype)  # checks context against the model first
+    plan = memory_plan(config, context, args.batch or 1, args.kv_dtype or "bf16")  # checks context first
     print(describe(config))
     print(format_plan(plan, _fmt_bytes))
+
+
+def _info_train(args: argparse.Namespace, config: Config) -> None:
+    """`info --train`: gemmakit.train.memory's per-rank plan and the fewest accelerators that fit."""
+    from gemmakit.train import memory
+
+    defaults = memory.Setup()  # `gemmakit train`'s defaults (tested)
+    _at_least("--gpus", args.gpus, 1)
+    _at_least("--seq-len", args.seq_len, 1)
+    _at_least("--lora-rank", args.lora_rank, 1)
+    _at_least("--chunk", args.chunk, 1)
+    if args.quantize_base and not args.lora_rank:
+        raise UserError(f"--quantize-base {args.quantize_base} needs --lora-rank: the quantized base is frozen, "
+                        f"only LoRA adapters train (QLoRA)")
+    seq_len = defaults.seq_len if args.seq_len is None else args.seq_len
+    if seq_len > config.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} exceeds {config.name}'s context length of {config.max_seq_len} tokens")
+    mode = "qlora" if args.quantize_base else ("lora" if args.lora_rank else "full")
+    setup = memory.Setup(batch=defaults.batch if args.batch is None else args.batch, seq_len=seq_len, mode=mode,
+                         lora_rank=args.lora_rank or 16, quantize_base=args.quantize_base or "int4", bf16=args.bf16,
+                         activation_checkpointing=args.activation_checkpointing,
+                         chunk=defaults.chunk if args.chunk is None else args.chunk, gpus=args.gpus or 1)
+    gpu_bytes = memory.parse_size(args.gpu_memory or "80GB")
+    print(describe(config))
+    print(memory.format_plan(memory.plan(config, setup), _fmt_bytes))
+    print(memory.format_fits(config, setup, gpu_bytes, _fmt_bytes))
 
 
 # -- paths given on the command line: checked before any loading ------------------------------------
@@ -205,7 +244,9 @@ def _load(args: argparse.Namespace):
         from gemmakit.eval.window import check_sliding_window
 
         check_sliding_window(hub.load_config(args.model), window)
-    model, tokenizer = hub.load(args.model, dtype=getattr(torch, _DTYPES[dtype]))
+    # Q4_0/Q8_0 GGUF blocks stay as stored (no float copy) unless an adapter must go into float weights.
+    model, tokenizer = hub.load(args.model, dtype=getattr(torch, _DTYPES[dtype]),
+                                native=not getattr(args, "adapter", None))
     if window is not None:  # before anything builds a cache: caches are sized from model.config
         from gemmakit.eval.window import set_sliding_window
 
@@ -512,8 +553,24 @@ def build_parser() -> argparse.ArgumentParser:
                                  "`default` for the embedded Gemma 3 270M")
     s.add_argument("--context", type=int, default=None,
                    help="tokens per sequence to plan for, >= 1 (default: the model's context length)")
-    s.add_argument("--batch", type=int, default=1, help="sequences served at once (default 1)")
-    s.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp32", "int8"], help="KV cache dtype (default bf16)")
+    s.add_argument("--batch", type=int, default=None,
+                   help="sequences served at once (default 1); with --train, sequences per micro-batch per rank "
+                        "(default 8, as `gemmakit train --batch-size`)")
+    s.add_argument("--kv-dtype", default=None, choices=["bf16", "fp32", "int8"], help="KV cache dtype (default bf16)")
+    t = s.add_argument_group("training memory (--train; the other options are `gemmakit train`'s)")
+    t.add_argument("--train", action="store_true",
+                   help="plan the memory of a training step per rank instead (gemmakit/train/memory.py), and the "
+                        "fewest accelerators of --gpu-memory that fit full fine-tuning, LoRA and QLoRA")
+    t.add_argument("--gpus", type=int, default=None, help="ranks under torchrun, sharded with FSDP2 (default 1)")
+    t.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 256)")
+    t.add_argument("--lora-rank", type=int, default=None, help="plan LoRA adapters of this rank (default: full "
+                   "fine-tuning; the fewest-accelerators line takes rank 16)")
+    t.add_argument("--quantize-base", choices=("int8", "int4"), default=None, help="QLoRA, with --lora-rank")
+    t.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in the backward")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast (the weights stay fp32)")
+    t.add_argument("--chunk", type=int, default=None, help="tokens per LM-head chunk in the loss (default 1024)")
+    t.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="memory of one accelerator, e.g. 80GB, 24GB (GB = GiB; default 80GB)")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("generate", help="continue a prompt, streaming the text")
@@ -541,6 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="system prompt (Gemma 3 only; default: none)")
     _add_image_args(s)
     _add_model_args(s)
+    s._option_string_actions["--adapter"].help = (
+        "a PEFT LoRA adapter directory, folded into the weights at load (default: for the embedded model, "
+        "gemmakit's chat adapter shipped with the package; none for other models)")
+    s.add_argument("--no-adapter", action="store_true", help="chat with the raw embedded base, without gemmakit's "
+                   "shipped chat adapter")
     _add_compile_arg(s)
     _add_sampling_args(s, 256)
     s.set_defaults(func=cmd_chat)
@@ -571,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     from gemmakit import export
 
     export.add_parser(sub)
+    from gemmakit.train import qat
+    qat.add_parser(sub)  # qat
     from gemmakit.serve import commands as serve_commands
 
     serve_commands.add_parser(sub)  # serve

@@ -15,15 +15,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, ReaderField, ReaderTensor
+from torch import nn
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderField, ReaderTensor
 from gguf.quants import dequantize
 from tqdm import tqdm
 
 from gemmakit.config import GLOBAL, LOCAL, Config, layer_pattern
-from gemmakit.model import build
+from gemmakit.model import Gemma, build
+from gemmakit.quant import BlockInt8Linear, Int4Linear, QuantEmbedding
 
 GENERATIONS = {"gemma": 1, "gemma2": 2, "gemma3": 3}
 
@@ -86,6 +89,26 @@ class _Reader(GGUFReader):
         arr = plain[offset:offset + dtype.itemsize * count].view(dtype)[:count]
         return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
+    def _build_tensors(self, start_offs: int, fields: list[ReaderField]) -> None:
+        # The reader slices each tensor's bytes out of the map and reshapes them: a file cut short fails
+        # there with numpy's "cannot reshape array of size ...". Name the tensor and the sizes first.
+        size = len(self.data)
+        for field in fields:
+            _, name, _, dims, raw_type, offset = field.parts
+            try:
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+            except (ValueError, KeyError):
+                continue  # an unknown type: the reader's own error says which
+            end = start_offs + int(offset[0]) + int(np.prod(dims)) * type_size // block
+            if end > size:
+                raise TruncatedError(f"tensor {bytes(name).decode(errors='replace')} needs bytes up to {end:,} "
+                                     f"but the file has {size:,}")
+        super()._build_tensors(start_offs, fields)
+
+
+class TruncatedError(ValueError):
+    """A tensor's data runs past the end of the file."""
+
 
 def open_gguf(path: str | os.PathLike) -> GGUFReader:
     """A GGUFReader, or an error naming the file and what is wrong with it."""
@@ -95,18 +118,12 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    size = path.stat().st_size
     try:
-        reader = _Reader(path)
+        return _Reader(path)
+    except TruncatedError as e:
+        raise ValueError(f"{path} is truncated: {e}") from None
     except Exception as e:  # the reader fails in many ways (struct, numpy, index errors) on a damaged header
         raise ValueError(f"{path} is a corrupt or truncated GGUF file ({type(e).__name__}: {e})") from e
-    # The reader memory-maps tensor data without checking that it is all there: a file cut short
-    # would give short arrays (or garbage) later. Check every tensor's extent against the file size.
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise ValueError(f"{path} is truncated: tensor {t.name} needs bytes up to {t.data_offset + t.n_bytes:,} "
-                             f"but the file has {size:,}")
-    return reader
 
 
 def _field(reader: GGUFReader, key: str, default=None):
@@ -214,46 +231,142 @@ def vocab_from_reader(reader: GGUFReader) -> GGUFVocab:
 
 
 def dequantize_tensor(t: ReaderTensor) -> np.ndarray:
-    """float32 array of one GGUF tensor in numpy (= HF) orientation: the GGUF dims reversed."""
+    """float32 array of one GGUF tensor in numpy (= HF) orientation: the GGUF dims reversed.
+
+    Non-finite values (a damaged scale or float) are an error naming the tensor: no Gemma has them.
+    """
     try:
         flat = dequantize(t.data, t.tensor_type)
     except NotImplementedError:
         raise ValueError(f"tensor {t.name}: the gguf package cannot dequantize type "
                          f"{GGMLQuantizationType(t.tensor_type).name}") from None
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     # F32/F16 data can be a read-only view of the memory-mapped file: copy so the tensor owns its memory.
     arr = np.ascontiguousarray(flat, dtype=np.float32)
-    return (arr if arr.flags.writeable else arr.copy()).reshape(shape)
+    arr = (arr if arr.flags.writeable else arr.copy()).reshape(_shape(t))
+    if not np.isfinite(arr).all():
+        raise ValueError(f"tensor {t.name} is corrupt: it has non-finite values (at flat index "
+                         f"{int(np.flatnonzero(~np.isfinite(arr.ravel()))[0]):,})")
+    return arr
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True
-              ) -> tuple[Config, dict[str, torch.Tensor], GGUFVocab]:
-    """(Config, HF-named state dict, vocabulary) of a Gemma 1/2/3 GGUF file.
+def _shape(t: ReaderTensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(t.shape.tolist()))
 
-    Every tensor the model needs must be present and nothing else may be: a missing or unexpected
-    tensor is an error that names it.
-    """
-    reader = open_gguf(path)
-    config = config_from_reader(reader, name=Path(path).name)
-    vocab = vocab_from_reader(reader)
-    expected = dict(build(config, "meta").state_dict())
-    state: dict[str, torch.Tensor] = {}
-    for t in tqdm(reader.tensors, desc=f"loading {Path(path).name}", unit="tensor", disable=not progress,
-                  leave=False):
+
+# Block types whose blocks gemmakit's quantized modules hold as they are stored (see gemmakit.quant).
+BLOCK_TYPES = {GGMLQuantizationType.Q4_0: "q4_0", GGMLQuantizationType.Q8_0: "q8_0"}
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+_BLOCK_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q8_0: 34}  # fp16 scale + 32 values
+
+
+def native_blocks(reader: GGUFReader) -> bool:
+    """Can the file's matrices load as their blocks: is at least one matrix Q4_0 or Q8_0, and every other
+    tensor F32, F16, BF16, Q4_0 or Q8_0? Files with K-quants (e.g. Q4_K_M) are dequantized instead."""
+    types = {t.tensor_type for t in reader.tensors}
+    return (types <= _FLOAT_TYPES | BLOCK_TYPES.keys()
+            and any(t.tensor_type in BLOCK_TYPES and len(t.shape) == 2 for t in reader.tensors))
+
+
+def _block_module(t: ReaderTensor, dtype: torch.dtype) -> nn.Module:
+    """quant.Int4Linear (Q4_0) or quant.BlockInt8Linear (Q8_0) holding the tensor's blocks: the quantized
+    values copied once out of the memory map into the module's buffer, the fp16 scales cast to `dtype`.
+    No float matrix is made. A non-finite scale (a damaged block) is an error naming the tensor."""
+    rows, cols = _shape(t)
+    raw = t.data.view(np.ndarray).reshape(rows, cols // 32, _BLOCK_BYTES[t.tensor_type])
+    d = np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0]  # little-endian, as ggml writes them
+    if not np.isfinite(d).all():
+        row, block = (int(i[0]) for i in np.nonzero(~np.isfinite(d)))
+        raise ValueError(f"tensor {t.name} is corrupt: block {block} of row {row} has the scale {d[row, block]} "
+                         f"(a {t.tensor_type.name} scale must be a finite float16)")
+    qs = np.ascontiguousarray(raw[..., 2:])  # the copy that becomes the weight buffer (the map is read-only)
+    if t.tensor_type == GGMLQuantizationType.Q4_0:
+        return Int4Linear.from_q4_0_blocks(torch.from_numpy(qs), torch.from_numpy(d), dtype)
+    return BlockInt8Linear.from_q8_0_blocks(torch.from_numpy(qs.view(np.int8).reshape(rows, cols)),
+                                            torch.from_numpy(d), dtype)
+
+
+def _tensors(reader: GGUFReader, config: Config, expected: dict[str, torch.Tensor], desc: str, progress: bool
+             ) -> Iterator[tuple[str, ReaderTensor]]:
+    """(HF name, tensor) of every tensor in the file, each checked against `expected` (the model's state
+    dict on meta); then a missing tensor is an error naming it."""
+    seen = set()
+    for t in tqdm(reader.tensors, desc=desc, unit="tensor", disable=not progress, leave=False):
         name = hf_name(t.name, config.generation)
         if name is None or name not in expected:
             raise ValueError(f"unexpected tensor {t.name} in GGUF file (not part of a Gemma {config.generation} "
                              f"model with this config)")
-        arr = dequantize_tensor(t)
-        if t.name.endswith("norm.weight"):
-            arr = arr - 1.0  # the converter stored 1 + w; subtract in fp32, once
-        if arr.shape != tuple(expected[name].shape):
-            raise ValueError(f"tensor {t.name} has shape {arr.shape}, expected {tuple(expected[name].shape)}")
-        state[name] = torch.from_numpy(arr).to(dtype)
-    if missing := [k for k in expected if k not in state]:
+        if _shape(t) != tuple(expected[name].shape):
+            raise ValueError(f"tensor {t.name} has shape {_shape(t)}, expected {tuple(expected[name].shape)}")
+        seen.add(name)
+        yield name, t
+    if missing := [k for k in expected if k not in seen]:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"GGUF file is missing tensor {', '.join(missing[:3])}{more}")
+
+
+def _float_tensor(t: ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
+    arr = dequantize_tensor(t)
+    if t.name.endswith("norm.weight"):
+        arr = arr - 1.0  # the converter stored 1 + w; subtract in fp32, once
+    return torch.from_numpy(arr).to(dtype)
+
+
+def _header(path: str | os.PathLike) -> tuple[GGUFReader, Config, GGUFVocab]:
+    """The reader, config and vocabulary of a file whose tensors are read next. The reader's own copy of
+    the vocabulary goes: for a Gemma vocabulary (262k pieces as numpy arrays) ~200 MB that would stay
+    allocated while the tensors load."""
+    reader = open_gguf(path)
+    config = config_from_reader(reader, name=Path(path).name)
+    vocab = vocab_from_reader(reader)
+    for key in [k for k in reader.fields if k.startswith("tokenizer.ggml.")]:
+        del reader.fields[key]
+    return reader, config, vocab
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True
+              ) -> tuple[Config, dict[str, torch.Tensor], GGUFVocab]:
+    """(Config, HF-named state dict, vocabulary) of a Gemma 1/2/3 GGUF file, every tensor dequantized.
+
+    Every tensor the model needs must be present and nothing else may be: a missing or unexpected
+    tensor is an error that names it.
+    """
+    reader, config, vocab = _header(path)
+    expected = dict(build(config, "meta").state_dict())
+    state = {name: _float_tensor(t, dtype)
+             for name, t in _tensors(reader, config, expected, f"loading {Path(path).name}", progress)}
     return config, state, vocab
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True,
+               native: bool = True) -> tuple[Gemma, GGUFVocab]:
+    """(model in eval mode, vocabulary) of a Gemma 1/2/3 GGUF file, on the CPU.
+
+    native, and the file's matrices Q4_0/Q8_0 (`native_blocks`): each Q4_0 matrix becomes a
+    quant.Int4Linear (q4_0) and each Q8_0 one a quant.BlockInt8Linear holding the file's blocks (the
+    embedding a quant.QuantEmbedding around one), the model `quant.quantize(model, "q4_0" / "q8_0")`
+    would give, without any float copy of those matrices; their scales are in `dtype` (in fp32 the
+    weights equal the gguf package's dequantization exactly). Other tensors (norms, float matrices)
+    are dequantized to `dtype`. Otherwise (K-quants, or native=False for training, merging,
+    exporting) every tensor is dequantized, as load_gguf.
+    Errors (ValueError, naming the tensor): a missing, unexpected, misshapen or corrupt tensor.
+    """
+    reader, config, vocab = _header(path)
+    model = build(config, "meta", dtype)
+    expected = dict(model.state_dict())
+    blocks = native and native_blocks(reader)
+    modules = dict(model.named_modules())
+    state = {}
+    for name, t in _tensors(reader, config, expected, f"loading {Path(path).name}", progress):
+        if blocks and t.tensor_type in BLOCK_TYPES and len(t.shape) == 2:
+            module = _block_module(t, dtype)
+            owner, _, attr = name.removesuffix(".weight").rpartition(".")
+            setattr(modules[owner], attr, QuantEmbedding(module) if attr == "embed_tokens" else module)
+        else:
+            state[name] = _float_tensor(t, dtype)
+    # assign: the tensors themselves become the parameters (no second copy); the swapped modules'
+    # buffers are already in place, which `strict` would count as missing.
+    model.load_state_dict(state, strict=not blocks, assign=True)
+    return model.eval(), vocab
 
 
 def read_gguf_header(path: str | os.PathLike) -> tuple[Config, GGUFVocab]:

@@ -249,8 +249,14 @@ def model_from_state(config: Config, state: dict[str, torch.Tensor], dtype: torc
 
 
 def load(spec: str | None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-         progress: bool = True) -> tuple[Gemma, Tokenizer]:
+         progress: bool = True, native: bool = False) -> tuple[Gemma, Tokenizer]:
     """(model, tokenizer) for SPEC. Presets have no weights: that is an error here.
+
+    Every tensor is dequantized to `dtype`: a model that can be trained, merged, given adapters or saved.
+    With `native=True` (the inference commands) a GGUF whose matrices are Q4_0/Q8_0 blocks loads them as
+    they are, in gemmakit's q4_0/q8_0 modules (gemmakit.gguf.load_model; no float copy of those
+    matrices): the model `quant.quantize` would give, ready for inference. K-quant GGUFs are always
+    dequantized.
 
     A cached checkpoint of the embedded model that cannot be read (truncated, deleted in part) is
     rebuilt from the GGUF once, with a note on stderr; if that fails too, the error names the cache.
@@ -261,10 +267,10 @@ def load(spec: str | None, dtype: torch.dtype = torch.float32, device: torch.dev
                          "weights with --model: a GGUF file, an HF directory or a hub id (or no --model for the "
                          "embedded Gemma 3 270M)")
     if s.kind == "gguf":
-        from gemmakit.gguf import load_gguf
+        from gemmakit.gguf import load_model
 
-        config, state, vocab = load_gguf(s.value, dtype=dtype, progress=progress)
-        return model_from_state(config, state, dtype, device), Tokenizer.from_gguf_vocab(vocab)
+        model, vocab = load_model(s.value, dtype=dtype, progress=progress, native=native)
+        return model.to(device), Tokenizer.from_gguf_vocab(vocab)
     if not s.default:
         model = weights.load(s.value, dtype=dtype, device=device)  # downloads a hub id (safetensors + json)
         return model.eval(), Tokenizer.from_dir(weights.resolve(s.value))

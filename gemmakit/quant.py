@@ -42,13 +42,21 @@ from gemmakit.model import materialize
 MODES = ("int8", "int4", "int4-channel", "q4_0", "q8_0", "fp8")
 TILE = 32  # rows per tile of a 16-bit packed LM head: two AVX-512 registers of fp32 running sums
 DECODE_ROWS = 16  # at most this many input rows use the fused decode path (batch 8 decode included)
+# A float or int8 layer (not the LM head) leaves the fused loop for the library's product above this many
+# rows. Compiled, bf16, side by side on the 2-core AVX-512 machine, [2048, 640] and [640, 2048]: 8 rows
+# fused 0.19 / 0.28 ms, F.linear 0.17 / 0.16 (int8: 0.20 / 0.27 fused, _weight_int8pack_mm 0.18 / 0.17);
+# 16 rows fused 0.49 / 0.91, F.linear 0.21 / 0.21. At 4 rows and fewer the fused loop wins or ties. The
+# LM head keeps the fused loop to DECODE_ROWS (16 rows: packed bf16 51 ms against the tiles' matmul 66,
+# int8 55 against _weight_int8pack_mm 67), and so do the int4 / q8_0 / fp8 layers, whose library paths
+# would dequantize inside the compiled step.
+FUSED_LAYER_ROWS = 4
 BLOCK_ELEMENTS = 1 << 23  # weights (de)quantized at a time outside the fused path (32 MiB in fp32)
 
 
-def _fuse(x: Tensor) -> bool:
-    """Take the fused path? Only under torch.compile: run eagerly, the broadcast would materialize
-    the whole [rows, out, in] product."""
-    return torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= DECODE_ROWS
+def _fuse(x: Tensor, rows: int = DECODE_ROWS) -> bool:
+    """Take the fused path (x has at most `rows` rows)? Only under torch.compile: run eagerly, the
+    broadcast would materialize the whole [rows, out, in] product."""
+    return torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= rows
 
 
 # Rows up to which torch's int8/int4 kernels beat dequantize-then-BLAS, per activation dtype. Measured
@@ -120,7 +128,7 @@ def dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
     Even for one fp32 row: on the benchmark's 2-core AVX-512 machine BLAS's fp32 matrix-vector product
     read the 262,144-row LM head at 11 GB/s, the fused loop at 27 GB/s.
     """
-    if _fuse(x):
+    if _fuse(x, FUSED_LAYER_ROWS):
         w = weight.float()
         return _per_row(x, lambda row: (w * row).sum(-1))
     return F.linear(x, weight)
@@ -183,7 +191,8 @@ class Int8Linear(nn.Module):
         return _per_row(x, lambda row: (w * row).sum(-1) * scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _fuse(x):
+        # torch's int8 product beats the fused loop from a few rows on, in bf16 (see FUSED_LAYER_ROWS).
+        if _fuse(x, FUSED_LAYER_ROWS if self.QDTYPE == torch.int8 and x.dtype == torch.bfloat16 else DECODE_ROWS):
             return self.fused(x)
         if _library(x) and self.QDTYPE == torch.int8:  # y = x @ (q * scale).T, q read as int8; scale in x's dtype
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight,
@@ -232,6 +241,7 @@ class Int4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, group: int = 32) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.q4_0 = False  # quantized by llama.cpp's Q4_0 rule (low = -8 scale): what `quantize` keeps for "q4_0"
         n = in_features // group
         self.register_buffer("weight", torch.zeros(out_features, n, group // 2, dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features, n, dtype=dtype))
@@ -245,6 +255,23 @@ class Int4Linear(nn.Module):
             w = linear.weight.detach()[start:end]
             m.weight[start:end], m.scale[start:end], m.low[start:end] = (
                 quantize_q4_0(w) if q4_0 else quantize_int4(w, group))
+        m.q4_0 = q4_0
+        return m
+
+    @classmethod
+    def from_q4_0_blocks(cls, qs: Tensor, d: Tensor, dtype: torch.dtype) -> Int4Linear:
+        """A q4_0 module around GGUF Q4_0 blocks as stored: qs [out, in/32, 16] uint8 (element i of a block
+        in the low nibble of byte i, element i + 16 in the high one: this module's layout), d [out, in/32]
+        float16 scales; w = d (q - 8). `qs` becomes `weight` without a copy; the scales are cast to `dtype`
+        (exact in fp32). No float matrix is made."""
+        out, blocks, half = qs.shape
+        if qs.dtype != torch.uint8 or half != 16 or tuple(d.shape) != (out, blocks):
+            raise ValueError(f"Q4_0 blocks must be uint8 [out, in/32, 16] with scales [out, in/32], got "
+                             f"{qs.dtype} {list(qs.shape)} and {list(d.shape)}")
+        with torch.device("meta"):  # no zero-filled buffers to overwrite
+            m = cls(blocks * 32, out, dtype, 32)
+        m.weight, m.scale, m.low = qs, d.to(dtype), (d.float() * -8).to(dtype)
+        m.q4_0 = True
         return m
 
     def rows(self, tokens: Tensor) -> Tensor:
@@ -341,6 +368,19 @@ class BlockInt8Linear(nn.Module):
         m = cls(linear.in_features, linear.out_features, linear.weight.dtype)
         for start, end in _row_blocks(linear.out_features, linear.in_features):
             m.weight[start:end], m.scale[start:end] = quantize_q8_0(linear.weight.detach()[start:end])
+        return m
+
+    @classmethod
+    def from_q8_0_blocks(cls, qs: Tensor, d: Tensor, dtype: torch.dtype) -> BlockInt8Linear:
+        """A q8_0 module around GGUF Q8_0 blocks as stored: qs [out, in] int8, d [out, in/32] float16
+        scales; w = d q. `qs` becomes `weight` without a copy; the scales are cast to `dtype` (exact in fp32)."""
+        out, inp = qs.shape
+        if qs.dtype != torch.int8 or inp % 32 or tuple(d.shape) != (out, inp // 32):
+            raise ValueError(f"Q8_0 blocks must be int8 [out, in] with scales [out, in/32], got "
+                             f"{qs.dtype} {list(qs.shape)} and {list(d.shape)}")
+        with torch.device("meta"):
+            m = cls(inp, out, dtype)
+        m.weight, m.scale = qs, d.to(dtype)
         return m
 
     def dequantize(self, start: int = 0, end: int | None = None) -> Tensor:
@@ -499,11 +539,14 @@ class QuantEmbedding(nn.Module):
 
     def attend(self, h: Tensor) -> Tensor:
         """Logits h @ E^T, without materializing E."""
-        return self.table(h)
+        # The head keeps the fused loop up to DECODE_ROWS rows, where a layer would have left it.
+        return self.table.fused(h) if _fuse(h) else self.table(h)
 
 
 def quantize(model: nn.Module, mode: str, group: int = 32) -> nn.Module:
-    """Swap the model's Linear layers and tied embedding for `mode` (one of MODES) in place."""
+    """Swap the model's Linear layers and tied embedding for `mode` (one of MODES) in place. Layers already
+    quantized in `mode` (a Q4_0/Q8_0 GGUF's blocks) stay as they are; those in another format are
+    dequantized and quantized again, one matrix at a time."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     return _swap(model, mode, group)
@@ -513,6 +556,20 @@ def fuse_decode(model: nn.Module) -> nn.Module:
     """Give an unquantized model the fused decode path in place (no-op if already swapped): the Linear
     layers share their weights; the tied embedding is re-laid out as tiles (`PackedEmbedding`)."""
     return _swap(model, None, 0)
+
+
+def quantized_mode(m: nn.Module) -> str:
+    """The MODES format a quantized module (one of QUANTIZED) stores."""
+    if isinstance(m, Int4Linear):
+        return "q4_0" if m.q4_0 else "int4-channel" if m.group == m.in_features else "int4"
+    return {Fp8Linear: "fp8", Int8Linear: "int8", BlockInt8Linear: "q8_0"}[type(m)]
+
+
+def _dequantized(m: nn.Module) -> nn.Linear:
+    """A float Linear with `m`'s dequantized weights (in its scales' dtype), to be quantized again."""
+    linear = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+    linear.weight = nn.Parameter(m.dequantize(), requires_grad=False)
+    return linear
 
 
 def _swap(model: nn.Module, mode: str | None, group: int) -> nn.Module:
@@ -540,6 +597,8 @@ def _swap_modules(model: nn.Module, mode: str | None, group: int) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, (nn.Linear, DenseLinear)):
                 setattr(parent, name, convert(child))
+            elif mode is not None and isinstance(child, QUANTIZED) and quantized_mode(child) != mode:
+                setattr(parent, name, convert(_dequantized(child)))  # e.g. a Q4_0 GGUF's blocks, asked for int8
     emb = body.embed_tokens
     packed = False
     if mode is None and type(emb) is nn.Embedding:
@@ -550,6 +609,8 @@ def _swap_modules(model: nn.Module, mode: str | None, group: int) -> nn.Module:
         # An nn.Embedding's table is shared (no copy); a packed one is unpacked first.
         as_linear.weight = emb.weight if isinstance(emb, nn.Embedding) else nn.Parameter(emb.unpacked())
         body.embed_tokens = QuantEmbedding(convert(as_linear))
+    elif mode is not None and type(emb) is QuantEmbedding and quantized_mode(emb.table) != mode:
+        body.embed_tokens = QuantEmbedding(convert(_dequantized(emb.table)))
     if mode is not None or packed:
         # The float tensors left (norms; after packing, the Linear weights too) may be views into a
         # memory-mapped checkpoint. As long as one is alive the whole mapping stays, and every page that

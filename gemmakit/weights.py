@@ -264,8 +264,14 @@ def save(model: Gemma, path: str | os.PathLike, dtype: torch.dtype | None = None
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("the model is on the meta device (no weights to save); load or init_weights first")
 
-    state = {k: (v if dtype is None else v.to(dtype)).detach().cpu().contiguous()
-             for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    # A quantized model (gemmakit.quant; a Q4_0/Q8_0 GGUF loads as one) would be written as integer
+    # tensors under float names that neither transformers nor `load` reads: refuse before writing.
+    if packed := next((k for k, v in state.items() if not v.is_floating_point()), None):
+        raise ValueError(f"{model.config.name} has quantized weights ({packed}: {state[packed].dtype}); an HF "
+                         "checkpoint holds float weights: save before quantizing, or load a Q4_0/Q8_0 GGUF "
+                         "with float weights (hub.load(..., native=False))")
+    state = {k: (v if dtype is None else v.to(dtype)).detach().cpu().contiguous() for k, v in state.items()}
     if model.config.vision is not None:  # Gemma3ForConditionalGeneration: Google's published key names
         state = {("language_model." + k if k.startswith("model.") else k): v for k, v in state.items()}
     hf = to_hf(model.config)

@@ -317,3 +317,25 @@ def test_new_formats_compile_and_equal_eager_decoding():
         model = quantize(tiny(), mode)
         eager = list(generate(model, [[2, 5, 7], [2, 9]], 6))
         assert list(generate(model, [[2, 5, 7], [2, 9]], 6, compile=True)) == eager, mode
+
+
+@pytest.mark.parametrize("rows", [2, 8, 16])
+def test_compiled_decode_products_at_every_batch_equal_eager(rows):
+    # Compiled, a float or int8 layer leaves the fused loop for the library's product above
+    # FUSED_LAYER_ROWS rows, while the LM head keeps the fused loop up to DECODE_ROWS: whichever path a
+    # batch takes, it computes the eager product (fp32 exactly up to summation order; bf16 up to rounding).
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96, bias=False).requires_grad_(False)
+    cases = [(quant.DenseLinear(lin), torch.float32, 1e-5),
+             (quant.DenseLinear(nn.Linear(64, 96, bias=False).to(torch.bfloat16).requires_grad_(False)), torch.bfloat16, 2e-2),
+             (Int8Linear.from_linear(lin.to(torch.bfloat16)), torch.bfloat16, 2e-2),
+             (Int8Linear.from_linear(lin.float()), torch.float32, 1e-5)]
+    head = QuantEmbedding(Int8Linear.from_linear(nn.Linear(64, 96, bias=False).to(torch.bfloat16)))
+    for m, dtype, tol in cases + [(head, torch.bfloat16, 2e-2)]:
+        f = m.attend if isinstance(m, QuantEmbedding) else m
+        x = torch.randn(rows, 64).to(dtype)
+        with torch.no_grad():
+            eager = f(x).float()
+            compiled = torch.compile(f, dynamic=False, fullgraph=True)(x).float()
+        torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol * eager.abs().max().item())
+    assert quant.FUSED_LAYER_ROWS < 8 <= quant.DECODE_ROWS  # the 8-row case takes the library path in a layer

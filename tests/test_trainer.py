@@ -12,6 +12,7 @@ import torch
 
 from gemmakit.config import get_config
 from gemmakit.model import build
+from gemmakit.train import checkpoint as C
 from gemmakit.train import data as D
 from gemmakit.train import trainer as T
 from gemmakit.train.parallel import apply_activation_checkpointing
@@ -69,7 +70,7 @@ def test_resume_after_sigint_gives_identical_losses(data_dir, tmp_path):
     first = T.train(model(), D.PackedData(data_dir, "train", 16, 2, True, seed=3), cfg, tmp_path / "b",
                     loss_fn=interrupting)
     assert first["interrupted"] == "SIGINT" and first["step"] == 3
-    assert T.load_checkpoint(tmp_path / "b" / T.CHECKPOINT)["step"] == 3
+    assert C.read(tmp_path / "b")["step"] == 3
     # a different initial model and a fresh loader: everything must come from the checkpoint
     second = T.train(model(seed=9), D.PackedData(data_dir, "train", 16, 2, True, seed=3), cfg, tmp_path / "b",
                      resume=True)
@@ -80,16 +81,21 @@ def test_resume_after_sigint_gives_identical_losses(data_dir, tmp_path):
     assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 for r in log)
 
 
+def files(directory):
+    """{name: bytes} of a directory's files (a checkpoint, to see that it was left alone)."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
 def test_fresh_run_refuses_an_earlier_run_unless_overwrite(data_dir, tmp_path):
     out = tmp_path / "r"
     T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(steps=2), out)
-    ck, log = (out / T.CHECKPOINT).read_bytes(), (out / T.LOG).read_text()
-    with pytest.raises(FileExistsError, match=r"already holds a training run \(checkpoint.pt, log.jsonl\)"):
+    ck, log = files(out / T.CHECKPOINT), (out / T.LOG).read_text()
+    with pytest.raises(FileExistsError, match=r"already holds a training run \(checkpoint, log.jsonl\)"):
         T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(steps=3), out)
-    assert (out / T.CHECKPOINT).read_bytes() == ck and (out / T.LOG).read_text() == log
+    assert files(out / T.CHECKPOINT) == ck and (out / T.LOG).read_text() == log
     res = T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(steps=3, ckpt_every=100), out,
                   overwrite=True)
-    assert res["step"] == 3 and T.load_checkpoint(out / T.CHECKPOINT)["step"] == 3
+    assert res["step"] == 3 and C.read(out)["step"] == 3
     assert [json.loads(x)["step"] for x in (out / T.LOG).read_text().splitlines()] == [1, 2, 3]
     with pytest.raises(ValueError, match="give one"):
         T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(), out, resume=True, overwrite=True)
@@ -136,19 +142,18 @@ def _stop_after(n):
 
 
 KILLER = """
-import os, sys, torch
-from gemmakit.train import trainer as T, data as D
+import json, os, sys, torch
+from gemmakit.train import checkpoint as C, trainer as T, data as D
 sys.path.insert(0, "tests")  # not `tests.test_trainer`: a site-packages `tests` package would shadow it
 from test_trainer import model, tcfg
-real = T._write
-def dying(state, f):
-    if state["step"] == 4:  # second checkpoint: write half of it, then die without cleanup
-        import io
-        buf = io.BytesIO(); real(state, buf)
-        f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
+real = C._write_json
+def dying(path, obj):
+    if path.name == "state.json" and obj["step"] == 4:  # second checkpoint: its shards are written, then
+        text = json.dumps(obj)                           # half of its state.json, and the process dies
+        path.write_text(text[: len(text) // 2])
         os._exit(9)
-    real(state, f)
-T._write = dying
+    real(path, obj)
+C._write_json = dying
 T.train(model(), D.PackedData(sys.argv[1], "train", 16, 2), tcfg(), sys.argv[2])
 """
 
@@ -159,11 +164,8 @@ def test_kill_during_checkpoint_write_keeps_previous(data_dir, tmp_path):
     r = subprocess.run([sys.executable, "-c", KILLER, str(data_dir), str(out)], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 9, r.stderr
-    assert (out / (T.CHECKPOINT + ".tmp")).exists()  # the half-written file is there ...
-    ck = T.load_checkpoint(out / T.CHECKPOINT)  # ... and the previous checkpoint is intact
-    assert ck["step"] == 2
-    with pytest.raises(ValueError, match="not a readable"):
-        T.load_checkpoint(out / (T.CHECKPOINT + ".tmp"))
+    assert (out / (T.CHECKPOINT + ".tmp") / "state.json").exists()  # the half-written one is there ...
+    assert C.read(out)["step"] == 2  # ... and the previous checkpoint is intact
     res = T.train(model(), D.PackedData(data_dir, "train", 16, 2), tcfg(), out, resume=True)
     assert res["step"] == 6 and [r["step"] for r in res["log"]] == [3, 4, 5, 6]
 
@@ -210,7 +212,7 @@ sys.path.insert(0, "tests")  # not `tests.test_trainer`: a site-packages `tests`
 from test_trainer import model, tcfg
 rank, world = init_distributed()
 m = shard(model())
-res = T.train(m, D.PackedData(sys.argv[1], "train", 16, 2, rank=rank, world=world), tcfg(steps=4, chunk=1000),
+res = T.train(m, D.PackedData(sys.argv[1], "train", 16, 2, rank=rank, world=world), tcfg(steps=4, chunk=3),
               sys.argv[2], rank=rank)
 if rank == 0:
     print(json.dumps([r["loss"] for r in res["log"]]))
@@ -219,7 +221,7 @@ if rank == 0:
 
 @pytest.mark.slow
 def test_fsdp_two_gloo_processes_match_one_process(data_dir, tmp_path):
-    single = T.train(model(), D.PackedData(data_dir, "train", 16, 4), tcfg(steps=4, chunk=1000), tmp_path / "one")
+    single = T.train(model(), D.PackedData(data_dir, "train", 16, 4), tcfg(steps=4, chunk=3), tmp_path / "one")
     script = tmp_path / "fsdp_run.py"
     script.write_text(FSDP)
     root = os.path.dirname(os.path.dirname(__file__))
@@ -229,9 +231,15 @@ def test_fsdp_two_gloo_processes_match_one_process(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.loads(r.stdout.strip().splitlines()[-1])
     assert two == pytest.approx([x["loss"] for x in single["log"]], rel=1e-5)
-    # the checkpoint written under FSDP holds the full (unsharded) model
-    ck = T.load_checkpoint(tmp_path / "two" / T.CHECKPOINT)
-    assert ck["model"]["model.embed_tokens.weight"].shape == (CFG.vocab_size, CFG.d_model)
+    # the checkpoint written under FSDP: one safetensors shard per rank, each with its half of every tensor
+    from safetensors import safe_open
+
+    state = C.read(tmp_path / "two")
+    shards = sorted(n for n in state["files"] if n.endswith(".safetensors"))
+    assert state["world_size"] == 2 and len(shards) == 2
+    for name in shards:
+        with safe_open(str(tmp_path / "two" / T.CHECKPOINT / name), "pt") as f:
+            assert f.get_slice("model.model.embed_tokens.weight").get_shape() == [CFG.vocab_size // 2, CFG.d_model]
 
 
 def test_the_lm_head_runs_only_where_a_target_counts():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from gemmakit.config import CONFIGS
 from gemmakit.train.data import PackedData, load_meta, prepare
-from gemmakit.train.trainer import CHECKPOINT, TrainConfig, check_out, check_resume, saved_settings, train
+from gemmakit.train.trainer import TrainConfig, check_out, check_resume, saved_settings, train
 from gemmakit.weights import atomic_directory
 
 _HELP = {
@@ -34,10 +35,11 @@ _HELP = {
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """--data/--out/--resume/--overwrite, LoRA, plus one option per TrainConfig field."""
     p.add_argument("--data", required=True, help="directory written by `gemmakit data prepare`")
-    p.add_argument("--out", required=True, help="run directory: checkpoint.pt, log.jsonl, model/")
+    p.add_argument("--out", required=True, help="run directory: checkpoint/ (safetensors + JSON), log.jsonl, model/")
     again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt (settings that "
-                       "would change the run, e.g. --steps, are refused; --eval-every, --ckpt-every may change)")
+    again.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint, on any number of "
+                       "ranks (settings that would change the run, e.g. --steps, are refused; --eval-every, "
+                       "--ckpt-every may change, and --batch-size/--grad-accum if batch x accum x ranks stays the same)")
     again.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT (without it, an OUT "
                        "holding a checkpoint, log or model is refused)")
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank only (default 0: full "
@@ -68,6 +70,10 @@ def add_distill_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="full distillation temperature (default 1.0)")
     p.add_argument("--alpha", type=float, default=0.0,
                    help="weight of the cross-entropy mixed into the loss (default 0.0: pure distillation)")
+    p.add_argument("--replicate-teacher", action="store_true",
+                   help="with --teacher: a full bf16 copy of the teacher on every rank (no collectives; it must fit "
+                        "on one device) instead of sharding it with FSDP2 under torchrun (default: off, sharded, "
+                        "in fp32); a single process casts its teacher to bf16 too")
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
@@ -170,7 +176,7 @@ def new_model(spec: str, seed: int, dtype: torch.dtype = torch.float32):
         return model.to(dtype), None
     from gemmakit import hub
 
-    return hub.load(spec, dtype=dtype)
+    return hub.load(spec, dtype=dtype, progress=_rank0())
 
 
 def _is_config(spec: str) -> bool:
@@ -191,10 +197,18 @@ def _check_run_dir(args: argparse.Namespace, extra: dict) -> None:
     if args.quantize_base and not args.lora_rank:
         raise ValueError(f"--quantize-base {args.quantize_base} needs --lora-rank: the quantized base is frozen, "
                          f"only LoRA adapters train (QLoRA)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group is joined later
+    if world > 1 and (args.quantize_base or getattr(args, "on_policy", False)):
+        raise ValueError("--quantize-base and --on-policy run in one process (not under torchrun)")
     check_out(args.out, args.resume, args.overwrite)
     if args.resume:
-        saved_cfg, saved_extra = saved_settings(Path(args.out) / CHECKPOINT)
-        check_resume(saved_cfg, saved_extra, _train_config(args), extra)  # notes are printed by train()
+        saved_cfg, saved_extra = saved_settings(args.out)
+        check_resume(saved_cfg, saved_extra, _train_config(args), extra, world)  # notes are printed by train()
+
+
+def _rank0() -> bool:
+    """Whether this process prints and writes (rank 0 under torchrun; known before the group is joined)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _run_extra(args: argparse.Namespace, **objective) -> dict:
@@ -207,16 +221,21 @@ def _run_extra(args: argparse.Namespace, **objective) -> dict:
 
 
 def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_fn=None, extra: dict | None = None,
-         max_windows: int | None = None, chat: bool = False, wrap_data=None) -> None:
+         max_windows: int | None = None, chat: bool = False, wrap_data=None,
+         teacher: torch.nn.Module | None = None) -> None:
     """Train `model` on args.data with the TrainConfig options; save OUT/model at the end (rank 0), with
     `tokenizer` (the fine-tuned model's), or the data's tokenizer for a model trained from scratch.
     With LoRA, OUT/adapter gets the adapters in PEFT's format too (text models), OUT/model the merged
     weights; with --quantize-base (QLoRA) the base is quantized first (gemmakit.train.qlora), and
     OUT/model is the unquantized base (bf16) with the adapter folded in.
     `chat`: args.data is chat data (ChatData: whole conversations, loss on the replies).
-    `wrap_data(data, model)`: the training batches' source made from the data (on-policy SFT)."""
+    `wrap_data(data, model)`: the training batches' source made from the data (on-policy SFT).
+    `teacher`: the online teacher `loss_fn` runs, sharded or replicated (parallel.place_teacher).
+    Under torchrun (`torchrun --nproc-per-node N -m gemmakit ...`) the model is sharded with FSDP2, each
+    rank reads its slice of every global batch, and only rank 0 prints and writes the log and OUT/model."""
     from gemmakit.train.distill import check_pieces
-    from gemmakit.train.parallel import apply_activation_checkpointing, init_distributed, shard
+    from gemmakit.train.parallel import (apply_activation_checkpointing, full_model, init_distributed,
+                                         place_teacher, shard)
 
     cfg = _train_config(args)
     meta = load_meta(args.data)
@@ -227,7 +246,7 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_
     data_tok = data_tokenizer(args.data)
     check_pieces(tokenizer, data_tok, "model's", "data's")
     tokenizer = tokenizer or data_tok
-    if tokenizer is None:
+    if tokenizer is None and _rank0():
         print(f"gemmakit: warning: {args.data} names no tokenizer gemmakit can load; {Path(args.out) / 'model'} will "
               f"have none (prepare the data with `gemmakit data prepare`)", file=sys.stderr)
     if args.quantize_base:
@@ -242,12 +261,12 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_
 
         apply_lora(model, args.lora_rank, args.lora_alpha, generator=torch.Generator().manual_seed(cfg.seed))
     rank, world = init_distributed()
-    if world > 1 and (args.quantize_base or wrap_data is not None):
-        raise ValueError("--quantize-base and --on-policy run in one process (not under torchrun)")
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if world > 1:
-        shard(model)
+        shard(model, bf16=cfg.bf16)
+    if teacher is not None:
+        place_teacher(teacher, getattr(args, "replicate_teacher", False))
     val = None
     if chat:
         from gemmakit.train.chat_data import ChatData
@@ -267,6 +286,8 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_
             shutil.rmtree(Path(args.out) / name, ignore_errors=True)
     res = train(model, data, cfg, args.out, loss_fn=loss_fn, val=val, resume=args.resume, extra_state=extra,
                 rank=rank, overwrite=args.overwrite)
+    if not res["interrupted"]:  # (the ranks agree on it) the trained model, gathered to rank 0 under FSDP2
+        model = full_model(model, lambda config=model.config: _plain_like(config, args))
     if rank != 0:
         return
     if res["interrupted"]:
@@ -298,6 +319,18 @@ def _fit(args: argparse.Namespace, model: torch.nn.Module, tokenizer=None, loss_
     if args.lora_rank and (Path(args.out) / "adapter").is_dir():
         report["adapter"] = str(Path(args.out) / "adapter")
     print(json.dumps(report))
+
+
+def _plain_like(config, args: argparse.Namespace) -> torch.nn.Module:
+    """An unsharded model of the trained one's structure (`config`, LoRA adapters) on the CPU, to load into."""
+    from gemmakit.model import build
+
+    plain = build(config, "cpu")
+    if args.lora_rank:
+        from gemmakit.train.lora import apply_lora
+
+        apply_lora(plain, args.lora_rank, args.lora_alpha)
+    return plain
 
 
 def train_cmd(args: argparse.Namespace) -> None:
@@ -341,6 +374,8 @@ def distill(args: argparse.Namespace) -> None:
     from gemmakit.train.teacher_cache import TeacherCache
 
     if args.teacher_cache:
+        if args.replicate_teacher:
+            raise ValueError("--replicate-teacher is for an online --teacher; a teacher cache has no teacher to place")
         if args.objective == "full":
             raise ValueError("a teacher cache holds sampled logits only; full distillation needs --teacher")
         cache = TeacherCache(args.teacher_cache)
@@ -348,6 +383,8 @@ def distill(args: argparse.Namespace) -> None:
     else:
         objective = args.objective or "full"
         settings = {"k": args.k} if objective == "sampled" else {"temperature": args.temperature}
+        if args.replicate_teacher:  # a bf16 teacher: other numerics, compared on --resume
+            settings["replicate_teacher"] = True
         extra = _run_extra(args, objective=objective, teacher=_spec_id(args.teacher), alpha=args.alpha, **settings)
     _check_run_dir(args, extra)
     student, tokenizer = new_model(args.model, args.seed, _base_dtype(args))
@@ -362,14 +399,15 @@ def distill(args: argparse.Namespace) -> None:
         D.check_vocab(config, hub.load_config(args.teacher).vocab_size)
         if args.objective == "sampled" and not 0 < args.k <= config.vocab_size:
             raise ValueError(f"--k {args.k} must be in [1, {config.vocab_size}] (the student's vocabulary)")
-        teacher, teacher_tok = hub.load(args.teacher)
+        teacher, teacher_tok = hub.load(args.teacher, torch.bfloat16 if args.replicate_teacher else torch.float32,
+                                        progress=_rank0())
         D.check_pieces(teacher_tok, tokenizer or data_tokenizer(args.data), "teacher's", "student's")
         if args.objective == "sampled":
             loss_fn = D.online_sampled_loss(teacher, args.k, args.alpha, args.chunk, args.seed)
         else:
             loss_fn = D.online_full_loss(teacher, args.temperature, args.alpha, args.chunk)
         max_windows = None
-    _fit(args, student, tokenizer, loss_fn, extra, max_windows)
+    _fit(args, student, tokenizer, loss_fn, extra, max_windows, teacher=None if args.teacher_cache else teacher)
 
 
 def sft_cmd(args: argparse.Namespace) -> None:

@@ -40,9 +40,10 @@ check passes or not) the tie-aware formula is the right one (without ties it is 
 
 The loop (`train`) runs the loss micro_batch prompts at a time, each with all its replies (BOND: and
 the anchor's), so one forward with autograd gives both the log-probs that enter the advantages (which
-are per prompt) and the gradient. It checkpoints like the trainer (trainer.save_checkpoint: atomic;
-exact resume: the trainable weights, optimizer, schedule, EMA anchor, RNG states and clocks; samples and
-prompt order depend only on the seed and the step) and writes one JSON line per step to OUT/log.jsonl.
+are per prompt) and the gradient. It checkpoints like the trainer (checkpoint.py: OUT/checkpoint/,
+safetensors and JSON, atomic; exact resume: the trainable weights, optimizer, schedule, EMA anchor, RNG
+states and clocks; samples and prompt order depend only on the seed and the step) and writes one JSON
+line per step to OUT/log.jsonl.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ from tqdm import tqdm
 
 from gemmakit.engine import generate
 from gemmakit.train.losses import chunked_head_loss
-from gemmakit.train.trainer import (CHECKPOINT, LOG, _rng_state, _set_rng_state, _stop_on_signals, check_out,
-                                    check_resume, config_to_dict, load_checkpoint, lr_lambda, make_optimizer,
-                                    save_checkpoint)
+from gemmakit.train import checkpoint as ckpt
+from gemmakit.train.trainer import (LOG, _stop_on_signals, check_out, check_resume, config_to_dict, lr_lambda,
+                                    make_optimizer)
 
 METHODS = ("rloo", "bond")
 
@@ -454,7 +455,7 @@ def train(policy: nn.Module, task: Task, cfg: RLConfig, out_dir: str | Path, *, 
     at the start, every cfg.eval_every steps and at the end. Writes out_dir/log.jsonl (one line per step:
     reward, each reward part, kl, loss, lr, grad_norm, elapsed training seconds `time` and the process's
     CPU seconds `cpu` (all threads; a fair clock on a shared machine), evaluations excluded; eval_* on
-    evaluation steps) and out_dir/checkpoint.pt (every cfg.ckpt_every steps, at the end, on SIGINT/SIGTERM); resume
+    evaluation steps) and out_dir/checkpoint/ (every cfg.ckpt_every steps, at the end, on SIGINT/SIGTERM); resume
     continues exactly, with the settings checked against the checkpoint's (trainer.check_resume).
     Returns {"step", "interrupted", "log"}.
     """
@@ -469,36 +470,35 @@ def train(policy: nn.Module, task: Task, cfg: RLConfig, out_dir: str | Path, *, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     step, elapsed, cpu = 0, 0.0, 0.0
     log_path = out / LOG
-    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     if resume:
-        ck = load_checkpoint(out / CHECKPOINT)
-        for note in check_resume(ck.get("train_config", {}), ck.get("extra", {}), cfg, extra):
+        state = ckpt.read(out)
+        for note in check_resume(state.get("train_config", {}), state.get("extra", {}), cfg, extra):
             print(f"resuming with a changed setting: {note}", file=sys.stderr)
-        with torch.no_grad():
-            named = dict(policy.named_parameters())
-            for n in trainable:
-                named[n].copy_(ck["trainable"][n])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if ck.get("anchor") is not None:
-            anchor.load_state_dict(ck["anchor"], strict=True)
-        _set_rng_state(ck["rng"])
-        step, elapsed, cpu = ck["step"], ck["elapsed"], ck.get("cpu", 0.0)
+        tensors, _ = ckpt.model_and_optimizer(policy, opt, trainable_only=True)
+        if state.get("anchor"):
+            tensors.update({f"anchor.{k}": v for k, v in anchor.state_dict().items()})
+        ckpt.load_tensors(state, tensors)  # in place: the anchor's tensors are its own
+        ckpt.set_model_and_optimizer(policy, opt, tensors, state["optimizer"], trainable_only=True)
+        sched.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(ckpt.read_rank_state(state, 0)["rng"])
+        step, elapsed, cpu = state["step"], state["elapsed"], state.get("cpu", 0.0)
         if log_path.exists():  # lines of steps after the checkpoint are redone
             lines = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
             log_path.write_text("".join(ln + "\n" for ln in lines))
     else:
         torch.manual_seed(cfg.seed)
-        (out / CHECKPOINT).unlink(missing_ok=True)
+        ckpt.remove(out)
         log_path.write_text("")
 
     def checkpoint() -> None:
-        save_checkpoint(out / CHECKPOINT, {
-            "step": step, "elapsed": elapsed, "cpu": cpu,
-            "trainable": {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad},
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
-            "anchor": anchor.state_dict() if cfg.anchor_ema > 0 else None, "config": config_to_dict(policy.config),
-            "train_config": dataclasses.asdict(cfg), "extra": extra or {}})
+        # Only the weights that train (the frozen base is the --model's) and, with an EMA, the anchor.
+        tensors, optimizer = ckpt.model_and_optimizer(policy, opt, trainable_only=True)
+        if cfg.anchor_ema > 0:
+            tensors.update({f"anchor.{k}": v for k, v in anchor.state_dict().items()})
+        ckpt.save(out, tensors, {
+            "step": step, "elapsed": elapsed, "cpu": cpu, "optimizer": optimizer, "scheduler": sched.state_dict(),
+            "anchor": cfg.anchor_ema > 0, "config": config_to_dict(policy.config),
+            "train_config": dataclasses.asdict(cfg), "extra": extra or {}}, {"rng": ckpt.rng_state()})
 
     sampler = Sampler(compile)
     eval_batch = cfg.batch_size * cfg.k  # the training batch's shape: the same compiled step

@@ -117,9 +117,9 @@ def _add_reward_train(p: argparse.ArgumentParser) -> None:
                    "(default 0.1; ignored with --val-data)")
     p.add_argument("--max-len", type=int, default=512, help="pairs with a side longer than this many tokens are "
                    "dropped and counted (default 512)")
-    p.add_argument("--out", required=True, help="run directory: checkpoint.pt, log.jsonl, model/ (the reward model)")
+    p.add_argument("--out", required=True, help="run directory: checkpoint/, log.jsonl, model/ (the reward model)")
     again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    again.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
     again.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT")
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank and the score head only "
                    "(default 0: every weight); merged into OUT/model")
@@ -296,9 +296,9 @@ def _add_rl_train(p: argparse.ArgumentParser) -> None:
                    "raw text) or {\"messages\": [...]} (chat template), plus what the rewards read (e.g. \"answer\")")
     p.add_argument("--eval-prompts", nargs="+", default=None, help="held-out JSONL prompts, scored greedily at the "
                    "start, every --eval-every steps and at the end (default: none)")
-    p.add_argument("--out", required=True, help="run directory: checkpoint.pt, log.jsonl, model/ (and adapter/)")
+    p.add_argument("--out", required=True, help="run directory: checkpoint/, log.jsonl, model/ (and adapter/)")
     again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    again.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
     again.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT")
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (default 0: every "
                    "weight); merged into OUT/model, and saved in PEFT's format in OUT/adapter")

@@ -198,7 +198,7 @@ def sft(args: argparse.Namespace) -> None:
     if meta.get("generation") not in (None, model.config.generation):
         raise ValueError(f"the data was rendered with Gemma {meta['generation']}'s template, the model is Gemma "
                          f"{model.config.generation}: prepare it with the model's tokenizer")
-    loss_fn = wrap = None
+    loss_fn = wrap = teacher = None
     if args.teacher:
         from gemmakit import hub
         from gemmakit.train.distill import check_pieces
@@ -210,4 +210,4 @@ def sft(args: argparse.Namespace) -> None:
         if settings["on_policy"]:  # _fit makes the ChatData, then wrap(data, model)
             wrap = partial(OnPolicyData, stop_ids=student_tok.stop_ids if student_tok is not None else (),
                            temperature=settings["temperature"], seed=args.seed)
-    C._fit(args, model, tokenizer, loss_fn=loss_fn, extra=extra, chat=True, wrap_data=wrap)
+    C._fit(args, model, tokenizer, loss_fn=loss_fn, extra=extra, chat=True, wrap_data=wrap, teacher=teacher)

@@ -3,11 +3,12 @@
 One loop serves pre-training and distillation: the objective is a `loss_fn(model, batch) -> loss`
 (cross-entropy by default; distill.py builds the distillation ones).
 
-Exact resume: a checkpoint holds the model, the optimizer, the scheduler, the step, the data loader's
-position and every RNG state, so a run stopped at step k and resumed produces the same per-step losses
-as one that never stopped. Checkpoints are written to a temporary file, fsynced, then renamed over the
-previous one (os.replace is atomic), so a process killed mid-write leaves the last checkpoint intact.
-SIGINT/SIGTERM finish the current step, write a checkpoint and return.
+Exact resume: a checkpoint (OUT/checkpoint/, see checkpoint.py: safetensors shards and JSON, no pickle,
+written atomically) holds the model, the optimizer, the scheduler, the step, the data loader's position
+and every rank's RNG states, so a run stopped at step k and resumed produces the same per-step losses
+as one that never stopped, also on another number of ranks (the global batch, batch_size x grad_accum x
+ranks, kept). SIGINT/SIGTERM finish the current step, write a checkpoint and return; under torchrun a
+signal to any one rank stops them all after the same step.
 
 A run directory is never reused by accident: a fresh run into a directory that holds a checkpoint or
 a log is refused unless `overwrite`, and a resumed run compares its settings with the checkpoint's,
@@ -20,8 +21,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import random
 import signal
 import sys
 import threading
@@ -30,16 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from gemmakit.config import Config, VisionConfig
+from gemmakit.train import checkpoint as ckpt
+from gemmakit.train.checkpoint import CHECKPOINT, LEGACY
 from gemmakit.train.data import PackedData
 from gemmakit.train.losses import IGNORE, cross_entropy
-from gemmakit.train.parallel import barrier, full_state_dicts, load_full_state_dicts, sum_across_ranks, world_size
+from gemmakit.train.parallel import barrier, max_across_ranks, sum_across_ranks, world_size
 
-CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
 
@@ -66,50 +65,69 @@ class TrainConfig:
 
 
 # TrainConfig fields a resumed run may change: they do not alter what any step computes (chunk only
-# regroups the exact loss, activation checkpointing recomputes the same activations).
+# regroups the exact loss, activation checkpointing recomputes the same activations). batch_size and
+# grad_accum may change too when the global batch (batch_size x grad_accum x ranks) stays the same.
 HARMLESS = ("ckpt_every", "eval_every", "eval_batches", "chunk", "activation_checkpointing")
 _WHY = {"steps": "the cosine schedule is laid out over the run's length",
         "warmup": "the schedule would change", "lr": "the schedule would change",
         "min_lr_ratio": "the schedule would change",
         "weight_decay": "the optimizer state holds the old value", "clip": "the updates would change",
-        "bf16": "the numerics would change", "batch_size": "the data position counts sequences of this size",
-        "grad_accum": "the data position counts sequences of this size",
+        "bf16": "the numerics would change",
         "seq_len": "the data position counts windows of this length",
         "mask_documents": "the sequences would change", "seed": "the data order would change"}
 
 
 def check_out(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
     """Refuse to start a fresh run over an earlier one without `overwrite`, or to resume without a
-    checkpoint. Raises FileExistsError / FileNotFoundError / ValueError."""
+    checkpoint (or from an old pickled checkpoint.pt). Raises FileExistsError / FileNotFoundError /
+    ValueError."""
     out = Path(out_dir)
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one")
     if resume:
-        if not (out / CHECKPOINT).exists():
+        if ckpt.find(out) is None:
             raise FileNotFoundError(f"{out / CHECKPOINT}: no checkpoint to resume from")
         return
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
-    found = [name for name in (CHECKPOINT, LOG, "model") if (out / name).exists()]
+    found = [name for name in (CHECKPOINT, LEGACY, LOG, "model") if (out / name).exists()]
     if found and not overwrite:
         raise FileExistsError(f"{out} already holds a training run ({', '.join(found)}); continue it with --resume "
                               f"or replace it with --overwrite")
 
 
-def check_resume(saved: dict, saved_extra: dict, cfg: TrainConfig, extra: dict | None) -> list[str]:
-    """Compare a checkpoint's train_config and extra state with a resumed run's.
+def _global_batch(settings: dict, world: int) -> int:
+    return int(settings.get("batch_size", 1)) * int(settings.get("grad_accum", 1)) * world
 
-    Returns one note per harmless change (e.g. "eval_every 0 -> 10"); raises ValueError naming every
-    change that would not continue the same run (schedule, data order, numerics, objective)."""
+
+def _ranks(n: int) -> str:
+    return f"{n} rank{'s' if n != 1 else ''}"
+
+
+def check_resume(saved: dict, saved_extra: dict, cfg: TrainConfig, extra: dict | None, world: int = 1) -> list[str]:
+    """Compare a checkpoint's train_config (with the `world_size` it ran on) and extra state with a
+    resumed run's on `world` ranks.
+
+    Returns one note per harmless change (e.g. "eval_every 0 -> 10"; batch_size and grad_accum when the
+    global batch stays the same); raises ValueError naming every change that would not continue the same
+    run (schedule, data order, numerics, objective, global batch)."""
     now = dataclasses.asdict(cfg)
+    saved_world = int(saved.get("world_size", 1))
+    before, after = _global_batch(saved, saved_world), _global_batch(now, world)
     notes, bad = [], []
     for key, value in now.items():
         if key in saved and saved[key] != value:
             change = f"{key} {saved[key]} -> {value}"
-            if key in HARMLESS:
+            if key in HARMLESS or (key in ("batch_size", "grad_accum") and before == after):
                 notes.append(change)
+            elif key in ("batch_size", "grad_accum"):
+                bad.append(f"{change} (the global batch, batch_size x grad_accum x ranks, would change from "
+                           f"{before} to {after} sequences)")
             else:
                 bad.append(f"{change} ({_WHY.get(key, 'the run would change')})")
+    if world != saved_world and before != after and not any("global batch" in b for b in bad):
+        bad.append(f"ranks {saved_world} -> {world} (the global batch, batch_size x grad_accum x ranks, would change "
+                   f"from {before} to {after} sequences: set --batch-size or --grad-accum to keep it {before})")
     extra = extra or {}
     for key in sorted(set(saved_extra) | set(extra)):
         if saved_extra.get(key) != extra.get(key):
@@ -152,6 +170,8 @@ def ce_loss(chunk: int = 1024) -> LossFn:
 def evaluate(model: torch.nn.Module, data: PackedData, chunk: int = 1024, max_batches: int = 0,
              bf16: bool = False) -> float:
     """Mean next-token cross-entropy (nats) over the split, weighted by tokens."""
+    from torch.distributed.fsdp import FSDPModule
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -161,7 +181,10 @@ def evaluate(model: torch.nn.Module, data: PackedData, chunk: int = 1024, max_ba
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             h = model.hidden(batch["tokens"], batch.get("positions"), segment_ids=batch.get("segment_ids"))
         n = int((batch["targets"] != IGNORE).sum())
-        total += float(cross_entropy(model, h.float(), batch["targets"], chunk)) * n
+        # The head in fp32; under FSDP2's bf16 policy (parallel.shard) in bf16, the dtype of the weights
+        # `hidden` has just gathered.
+        head_dtype = model.dtype if isinstance(model, FSDPModule) else torch.float32
+        total += float(cross_entropy(model, h.to(head_dtype), batch["targets"], chunk)) * n
         count += n
     model.train(was_training)
     return total / max(count, 1)
@@ -181,49 +204,12 @@ def config_from_dict(d: dict) -> Config:
     return Config(**d)
 
 
-def _write(state: dict, f) -> None:
-    torch.save(state, f)
-
-
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """torch.save to `path` atomically: temporary file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        _write(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable gemmakit checkpoint ({e})") from None
-
-
 def saved_settings(path: str | Path) -> tuple[dict, dict]:
-    """(train_config, extra) of a checkpoint, read without loading its tensors into memory (mmap)."""
-    path = Path(path)
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable gemmakit checkpoint ({e})") from None
-    return ck.get("train_config", {}), ck.get("extra", {})
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    """(train_config, extra) of a run directory's checkpoint (or of OUT/checkpoint), read from its
+    state.json after checking the directory (checkpoint.read: no pickle, no truncated shard); no tensors
+    are loaded. train_config has the TrainConfig fields and `world_size`, the ranks it ran on."""
+    state = ckpt.read(path)
+    return {**state.get("train_config", {}), "world_size": state["world_size"]}, state.get("extra", {})
 
 
 @contextlib.contextmanager
@@ -252,11 +238,13 @@ def train(model: torch.nn.Module, data: PackedData, cfg: TrainConfig, out_dir: s
           extra_state: dict[str, Any] | None = None, rank: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Train `model` in place for cfg.steps optimizer steps; returns {"step", "interrupted", "log"}.
 
-    Writes out_dir/checkpoint.pt every cfg.ckpt_every steps, at the end and on SIGINT/SIGTERM, and one
-    JSON line per step to out_dir/log.jsonl. With resume=True the run continues from checkpoint.pt
-    (settings checked by `check_resume`; harmless changes are printed to stderr). A fresh run into a
-    directory holding an earlier run's checkpoint or log needs overwrite=True (see `check_out`).
-    `extra_state` (e.g. the distillation settings) is stored in the checkpoint and must match on resume.
+    Writes out_dir/checkpoint/ (checkpoint.py) every cfg.ckpt_every steps, at the end and on SIGINT/SIGTERM,
+    and (rank 0) one JSON line per step to out_dir/log.jsonl. With resume=True the run continues from
+    the checkpoint (settings checked by `check_resume`; harmless changes, and a checkpoint written by
+    another number of ranks (resharded), are noted on stderr). A fresh run into a directory holding an
+    earlier run's checkpoint or log needs overwrite=True (see `check_out`). `extra_state` (e.g. the
+    distillation settings) is stored in the checkpoint and must match on resume. Under torchrun every
+    rank calls this with its `rank` and the model sharded (parallel.shard).
     """
     out = Path(out_dir)
     check_out(out, resume, overwrite)
@@ -266,38 +254,43 @@ def train(model: torch.nn.Module, data: PackedData, cfg: TrainConfig, out_dir: s
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     step = 0
+    world = world_size()
     log_path = out / LOG
     if resume:
-        ck = load_checkpoint(out / CHECKPOINT)
-        for note in check_resume(ck.get("train_config", {}), ck.get("extra", {}), cfg, extra_state):
-            if rank == 0:
+        state = ckpt.read(out)
+        saved = {**state.get("train_config", {}), "world_size": state["world_size"]}
+        notes = check_resume(saved, state.get("extra", {}), cfg, extra_state, world)
+        if rank == 0:
+            if state["world_size"] != world:
+                print(f"resharding: the checkpoint was written by {_ranks(state['world_size'])}, this run has "
+                      f"{_ranks(world)}", file=sys.stderr)
+            for note in notes:
                 print(f"resuming with a changed setting: {note}", file=sys.stderr)
-        load_full_state_dicts(model, opt, ck["model"], ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        data.load_state_dict(ck["data"])
-        _set_rng_state(ck["rng"])
-        step = ck["step"]
+        tensors, _ = ckpt.model_and_optimizer(model, opt)
+        ckpt.load_tensors(state, tensors)
+        ckpt.set_model_and_optimizer(model, opt, tensors, state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        data.load_state_dict(state["data"])
+        ckpt.set_rng_state(ckpt.read_rank_state(state, rank)["rng"])
+        step = state["step"]
         if log_path.exists() and rank == 0:  # drop lines of steps after the checkpoint (they are redone)
             lines = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
             log_path.write_text("".join(ln + "\n" for ln in lines))
     else:
         torch.manual_seed(cfg.seed)
         if rank == 0:
-            (out / CHECKPOINT).unlink(missing_ok=True)  # an overwritten run's checkpoint is not this run's
+            ckpt.remove(out)  # an overwritten run's checkpoint is not this run's
             log_path.write_text("")
+        barrier()
 
     def checkpoint() -> None:
-        model_sd, opt_sd = full_state_dicts(model, opt)  # collective under FSDP: every rank calls it
-        if rank != 0:
-            return
-        save_checkpoint(out / CHECKPOINT, {
-            "step": step, "model": model_sd, "optimizer": opt_sd,
-            "scheduler": sched.state_dict(), "data": data.state_dict(), "rng": _rng_state(),
+        tensors, optimizer = ckpt.model_and_optimizer(model, opt)  # this rank's slices under FSDP
+        ckpt.save(out, tensors, {
+            "step": step, "optimizer": optimizer, "scheduler": sched.state_dict(), "data": data.state_dict(),
             "config": config_to_dict(model.config), "train_config": dataclasses.asdict(cfg),
-            "extra": extra_state or {}})
+            "extra": extra_state or {}}, {"rng": ckpt.rng_state()}, rank, world)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    world = world_size()
     history: list[dict] = []
     interrupted = None
     model.train()
@@ -339,10 +332,12 @@ def train(model: torch.nn.Module, data: PackedData, cfg: TrainConfig, out_dir: s
                 log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if stop["signal"] or step % cfg.ckpt_every == 0 or step == cfg.steps:
+            # A signal to one rank stops every rank after this same step (the checkpoint is collective).
+            signum = max_across_ranks(signal.Signals[stop["signal"]].value if stop["signal"] else 0)
+            if signum or step % cfg.ckpt_every == 0 or step == cfg.steps:
                 checkpoint()
-            if stop["signal"]:
-                interrupted = stop["signal"]
+            if signum:
+                interrupted = signal.Signals(signum).name
                 break
     bar.close()
     return {"step": step, "interrupted": interrupted, "log": history}
