@@ -12,8 +12,11 @@ GGUF file, `hub.default_gguf()`), greedy, with the same prompt and the same numb
 - transformers: this file as a small driver process (`--transformers-driver`): AutoTokenizer and
   AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) in fp32 or bf16, torch.set_num_threads(T),
   `generate(do_sample=False, min_new_tokens=max_new_tokens)` so that it cannot stop early.
+- q4_0: the embedded model exported by `gemmakit export default --gguf F --type q4_0` (made once, in
+  $GEMMAKIT_HOME/bench), run by `gemmakit generate --model F` (its Q4_0 blocks as stored, bf16 activations)
+  and by llama.cpp: both programs on the same file.
 - llama.cpp: its `llama-completion` (non-interactive: `-no-cnv`, `--temp 0`, `--ignore-eos`, `-t T`) on the
-  file's own Q4_K_M weights, built from the llama.cpp source that the llama-cpp-python sdist on PyPI vendors
+  file's own Q4_K_M weights (or the Q4_0 export), built from the llama.cpp source that the llama-cpp-python sdist on PyPI vendors
   (`--build-llama-cpp`, or automatically when the binary is missing; ~10 minutes on 2 cores) into
   $GEMMAKIT_HOME/bench/llama.cpp, outside the repository.
 
@@ -51,8 +54,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
-GEMMAKIT = ["gemmakit fp32", "gemmakit bf16", "gemmakit int8", "gemmakit int4"]
-VARIANTS = GEMMAKIT + ["transformers fp32", "transformers bf16", "llama.cpp q4_k_m"]
+GEMMAKIT = ["gemmakit fp32", "gemmakit bf16", "gemmakit int8", "gemmakit int4", "gemmakit q4_0"]
+VARIANTS = GEMMAKIT + ["transformers fp32", "transformers bf16", "llama.cpp q4_k_m", "llama.cpp q4_0"]
 EAGER = [f"{v} eager" for v in GEMMAKIT]  # `--no-compile`; not in the default list
 STARTUP = "gemmakit start-up"
 # A prompt whose greedy continuation runs well past 129 tokens without <eos> in every gemmakit variant
@@ -127,7 +130,7 @@ class Run:
             prompt = "Hello" if self.name == STARTUP else self.prompt
             cmd = ["gemmakit", "generate", prompt, "--max-new-tokens", str(n), "--json"]
             cmd += {"bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"],
-                    "int4": ["--quantize", "int4"]}.get(self.kind, [])
+                    "int4": ["--quantize", "int4"], "q4_0": ["--model", str(self.gguf)]}.get(self.kind, [])
             cmd += ["--threads", t] if "--threads" in self.gemmakit_flags else []
             return cmd + (["--no-compile"] if self.eager else [])
         if self.lib == "transformers":
@@ -257,7 +260,7 @@ def main() -> None:
         print("gemmakit generate has no --threads yet: setting OMP_NUM_THREADS for it instead", file=sys.stderr)
     if any(v.endswith("eager") for v in variants) and "--no-compile" not in flags:
         ap.error("the eager variants need `gemmakit generate --no-compile`, which this gemmakit does not have")
-    if "llama.cpp q4_k_m" in variants and not binary.is_file():
+    if any(v.startswith("llama.cpp") for v in variants) and not binary.is_file():
         print(f"llama.cpp's {binary.name} is missing: building it (once per machine)", file=sys.stderr)
         build_llama_cpp(Path(args.llama_cpp_dir))
 
@@ -269,12 +272,15 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)  # for the bandwidth measurement, the only compute in this process
     gguf = hub.default_gguf()
-    runs = {v: Run(v, args, gguf, flags) for v in variants + ([] if args.no_startup else [STARTUP])}
+    q4_0 = inference.exported("q4_0") if any(v.endswith(" q4_0") for v in variants) else None
+    runs = {v: Run(v, args, q4_0 if v.endswith(" q4_0") else gguf, flags)
+            for v in variants + ([] if args.no_startup else [STARTUP])}
     n = args.max_new_tokens
     print("bytes read per decode step (bench/inference.py's accounting) ...", flush=True)
     per_kind = {k: weight_bytes(k) for k in dict.fromkeys(runs[v].kind for v in variants if v.startswith("gemmakit"))}
     weights = {v: per_kind[runs[v].kind] for v in variants if v.startswith("gemmakit")}
-    meta = dict(machine=machine(args.threads, llama_commit(binary) if "llama.cpp q4_k_m" in variants else None),
+    llama = any(v.startswith("llama.cpp") for v in variants)
+    meta = dict(machine=machine(args.threads, llama_commit(binary) if llama else None),
                 prompt=args.prompt, new_tokens=n, gguf=gguf.name, command="python " + shlex.join(sys.argv))
     print("warm-up: every process once, untimed (compiles gemmakit's decode steps on a first run) ...", flush=True)
     for v, r in runs.items():
@@ -354,7 +360,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"- wall time with 1). Machine: {m['cpu']}, {m['cpu_count']} cores, avx512_bf16 "
              f"{'yes' if m['avx512_bf16'] else 'no'}; highest measured read bandwidth {meta['bandwidth_gb_s']:.1f} "
              f"GB/s. torch {m['torch']}, transformers {m['transformers']}, llama.cpp "
-             f"{m['llama_cpp_commit'] or '-'} (its own Q4_K_M weights).",
+             f"{m['llama_cpp_commit'] or '-'} (its own Q4_K_M weights; q4_0 rows: both programs on gemmakit's "
+             f"Q4_0 export of the same model; \"vs llama.cpp\" compares with llama.cpp on the same file).",
              "",
              "| variant | 1 token, s | " + f"{meta['new_tokens']} tokens, s | decode tok/s | vs transformers fp32 | "
              "vs transformers bf16 | vs llama.cpp | % of bandwidth limit |",
@@ -365,7 +372,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         rate = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
         lines.append(f"| {v} | {r['wall1_s']:.2f} | {r['wall_n_s']:.2f} | {rate} | "
                      f"{ratio(v, 'transformers fp32')} | {ratio(v, 'transformers bf16')} | "
-                     f"{ratio(v, 'llama.cpp q4_k_m')} | {frac} |")
+                     f"{ratio(v, 'llama.cpp q4_0' if v.endswith(' q4_0') else 'llama.cpp q4_k_m')} | {frac} |")
     if meta["startup_s"] is not None:
         lines += ["", "Start-up, warm: `gemmakit generate \"Hello\" --max-new-tokens 2` takes "
                       f"{meta['startup_s']:.2f} s "

@@ -1,10 +1,14 @@
-"""Inference speed and memory: gemmakit (fp32, bf16, int8, int4) against transformers (fp32, bf16)
-and llama.cpp.
+"""Inference speed and memory: gemmakit (fp32, bf16, int8, int4, q4_0, q8_0, fp8) against transformers
+(fp32, bf16) and llama.cpp.
 
-All load the same file, the embedded Gemma 3 270M Q4_K_M GGUF: transformers dequantizes it itself,
-gemmakit loads its dequantized checkpoint, llama.cpp (the `llama-cpp-python` binding, an optional
-install that builds llama.cpp for this CPU) runs its Q4_K_M weights as they are; without the binding
-that variant is left out. Each variant lives in its own worker process, loaded and
+The float, int8, int4 and fp8 variants load the embedded Gemma 3 270M Q4_K_M GGUF: transformers
+dequantizes it itself, gemmakit loads its dequantized checkpoint (and quantizes it, as `--quantize`
+does), llama.cpp (the `llama-cpp-python` binding, an optional install that builds llama.cpp for this
+CPU) runs its Q4_K_M weights as they are; without the binding that variant is left out. The q4_0 and
+q8_0 variants load the Q4_0 / Q8_0 GGUF that `gemmakit export default --gguf F --type q4_0|q8_0` writes
+(made once, in $GEMMAKIT_HOME/bench): gemmakit keeps its blocks as they are (`--model F.gguf`), and
+"llama.cpp q4_0" runs the same Q4_0 file. Quantized gemmakit variants compute in bf16, as the commands
+do with --quantize. Each variant lives in its own worker process, loaded and
 warmed up once; the driver runs them in turn, `--repeats` times each, one at a time; the table shows
 medians.
 
@@ -43,8 +47,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-VARIANTS = ["gemmakit fp32", "gemmakit bf16", "gemmakit int8", "gemmakit int4", "transformers fp32",
-            "transformers bf16", "llama.cpp q4_k_m"]
+VARIANTS = ["gemmakit fp32", "gemmakit bf16", "gemmakit int8", "gemmakit int4", "gemmakit q4_0", "gemmakit q8_0",
+            "gemmakit fp8", "transformers fp32", "transformers bf16", "llama.cpp q4_k_m", "llama.cpp q4_0"]
+EXPORTED = ("q4_0", "q8_0")  # variants that load the exported GGUF of that type
 PREFILL, NEW, BATCH, DECODE_PROMPT = 512, 128, 8, 32
 OUT = Path(__file__).parent / "results"
 
@@ -79,18 +84,31 @@ def bandwidth(repeats: int = 7) -> float:
 
 # -- runners: load one variant; time a prefill and a decode ------------------------------------------
 
+def exported(kind: str) -> Path:
+    """The embedded model exported as a `kind` (q4_0, q8_0) GGUF by `gemmakit export`, made once."""
+    from gemmakit import hub
+
+    path = hub.home() / "bench" / f"gemma3-270m-{kind}.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "gemmakit", "export", "default", "--gguf", str(path), "--type", kind],
+                       check=True)
+    return path
+
+
 class Gemmakit:
     def __init__(self, kind: str) -> None:
         from gemmakit import hub
         from gemmakit.quant import fuse_decode, quantize
 
-        # int8/int4 keep fp32 activations and scales: prefill then runs fp32 BLAS on dequantized blocks.
-        dtype = torch.bfloat16 if kind == "bf16" else torch.float32
-        self.model, self.tokenizer = hub.load(None, dtype=dtype, progress=False)
-        if kind in ("int8", "int4"):
-            quantize(self.model, kind)
-        else:
+        # As the commands run them: quantized weights with bf16 activations and scales.
+        dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+        spec = str(exported(kind)) if kind in EXPORTED else None
+        self.model, self.tokenizer = hub.load(spec, dtype=dtype, progress=False, native=True)
+        if kind in ("fp32", "bf16"):
             fuse_decode(self.model)
+        else:
+            quantize(self.model, kind)  # the exported files' blocks stay as they are
         gc.collect()
 
     def weight_bytes(self) -> int:
@@ -157,7 +175,7 @@ class LlamaCpp:
 
         from gemmakit import hub
 
-        self.path = hub.default_gguf()
+        self.path = exported(kind) if kind in EXPORTED else hub.default_gguf()
         threads = torch.get_num_threads()
         self.llm = Llama(model_path=str(self.path), n_ctx=PREFILL + NEW + 64, n_batch=PREFILL, n_threads=threads,
                          n_threads_batch=threads, verbose=False)
@@ -246,9 +264,12 @@ def main() -> None:
         return memory_child(args.memory_of, args.threads)
     torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",")]
-    if "llama.cpp q4_k_m" in variants and importlib.util.find_spec("llama_cpp") is None:
+    if importlib.util.find_spec("llama_cpp") is None and any(v.startswith("llama.cpp") for v in variants):
         print("llama-cpp-python is not installed: leaving out llama.cpp", file=sys.stderr)
-        variants.remove("llama.cpp q4_k_m")
+        variants = [v for v in variants if not v.startswith("llama.cpp")]
+    for kind in EXPORTED:  # exported before the workers start (the export itself is not timed)
+        if any(v.endswith(" " + kind) for v in variants):
+            exported(kind)
     if args.memory:
         memory = load_memory(Path(args.out))
         for v in tqdm(variants, desc="peak memory, one process each"):
@@ -359,10 +380,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
     def ratio(v: str, key: str, ref: str) -> str:
         return f" ({by[v][key] / by[ref][key]:.1f}x)" if ref in by and v != ref and by[v][key] else ""
 
-    lines = [f"Gemma 3 270M (Q4_K_M GGUF, dequantized), {meta['threads']} threads, median of {meta['repeats']} "
-             f"alternating runs; highest measured read bandwidth {meta['bandwidth_gb_s']:.1f} GB/s. "
-             f"Ratios in brackets: against transformers at the same dtype (int8, int4 and llama.cpp: against "
-             f"transformers fp32). llama.cpp runs the file's own Q4_K_M weights.",
+    lines = [f"Gemma 3 270M (Q4_K_M GGUF, dequantized; q4_0 / q8_0: the exported Q4_0 / Q8_0 GGUF), "
+             f"{meta['threads']} threads, median of {meta['repeats']} alternating runs; highest measured read "
+             f"bandwidth {meta['bandwidth_gb_s']:.1f} GB/s. Ratios in brackets: against transformers at the same "
+             f"dtype (quantized variants and llama.cpp: against transformers fp32). Quantized gemmakit variants "
+             f"compute in bf16, as the commands do.",
              "",
              "| variant | weights MiB | prefill tok/s (512) | decode tok/s, batch 1 | % of bandwidth limit | "
              "decode tok/s, batch 8 | serving peak MiB | peak with loading MiB |",
@@ -378,9 +400,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{ratio(r['variant'], 'decode1_tok_s', ref)} | {r['decode1_fraction_of_limit']:.0%} | "
                      f"{batch8} | {mem} |")
     if (llama := by.get("llama.cpp q4_k_m")) is not None:
-        lines += ["", "Decode, batch 1, against llama.cpp on the same file and threads: " + ", ".join(
-            f"{v} {by[v]['decode1_tok_s'] / llama['decode1_tok_s']:.2f}x" for v in by if v.startswith("gemmakit"))
-            + "."]
+        lines += ["", "Decode, batch 1, against llama.cpp on the Q4_K_M file and threads: " + ", ".join(
+            f"{v} {by[v]['decode1_tok_s'] / llama['decode1_tok_s']:.2f}x" for v in by
+            if v.startswith("gemmakit") and v.split()[1] not in EXPORTED) + "."]
+    if (llama := by.get("llama.cpp q4_0")) is not None and "gemmakit q4_0" in by:
+        g = by["gemmakit q4_0"]
+        lines += ["", f"On the same exported Q4_0 file: gemmakit q4_0 decodes at "
+                      f"{g['decode1_tok_s'] / llama['decode1_tok_s']:.2f}x llama.cpp's batch-1 rate and prefills at "
+                      f"{g['prefill_tok_s'] / llama['prefill_tok_s']:.2f}x."]
+    if "gemmakit bf16" in by:
+        bf16 = by["gemmakit bf16"]["prefill_tok_s"]
+        lines += ["", "Prefill against gemmakit bf16: " + ", ".join(
+            f"{v} {by[v]['prefill_tok_s'] / bf16:.2f}x" for v in by
+            if v.startswith("gemmakit") and v.split()[1] not in ("fp32", "bf16")) + "."]
     lines += ["", f"`{meta['command']}` (torch {meta['torch']}, load average at the end "
                   f"{', '.join(f'{x:.1f}' for x in meta['load_average'])})", ""]
     return "\n".join(lines)

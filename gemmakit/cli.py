@@ -148,8 +148,8 @@ def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", default=None,
                    help="GGUF file, HF directory, hub id, or `default` (the embedded Gemma 3 270M, the default)")
     s.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
-                   help="compute dtype (default float32; bfloat16 with --quantize, whose int8/int4 kernels are "
-                        "fast with bf16 activations)")
+                   help="compute dtype (default float32; bfloat16 with --quantize or a Q4_0/Q8_0 GGUF, whose "
+                        "int8/int4 kernels are fast with bf16 activations)")
     s.add_argument("--quantize", default=None, choices=["int8", "int4", "int4-channel", "q4_0", "q8_0", "fp8"],
                    help="weight-only quantization (default: none): int8 per channel, int4 in groups of 32, "
                         "int4-channel (one group per channel), q4_0 / q8_0 (llama.cpp's blocks of 32), fp8 (e4m3, "
@@ -233,20 +233,35 @@ def _warn_if_ignored(args: argparse.Namespace) -> None:
                   file=sys.stderr)
 
 
+def _block_file(spec: str | None) -> bool:
+    """Is SPEC a local GGUF file whose matrices load as their Q4_0/Q8_0 blocks (quantized weights, which
+    compute in bf16 by default as --quantize does)? Reads the file's header and tensor table only."""
+    if not spec or not spec.endswith(".gguf") or not Path(spec).expanduser().is_file():
+        return False
+    from gguf import GGUFReader
+
+    from gemmakit.gguf import native_blocks
+
+    try:
+        return native_blocks(GGUFReader(Path(spec).expanduser()))
+    except (ValueError, OSError):  # a damaged file: hub.load says what is wrong with it
+        return False
+
+
 def _load(args: argparse.Namespace):
     import torch
 
     from gemmakit import hub
 
-    dtype = args.dtype or ("bfloat16" if args.quantize else "float32")
+    native = not getattr(args, "adapter", None)
+    dtype = args.dtype or ("bfloat16" if args.quantize or (native and _block_file(args.model)) else "float32")
     window = getattr(args, "sliding_window", None)
     if window is not None:  # --sliding-window: refused before any weights load (N < 1, no local layers)
         from gemmakit.eval.window import check_sliding_window
 
         check_sliding_window(hub.load_config(args.model), window)
     # Q4_0/Q8_0 GGUF blocks stay as stored (no float copy) unless an adapter must go into float weights.
-    model, tokenizer = hub.load(args.model, dtype=getattr(torch, _DTYPES[dtype]),
-                                native=not getattr(args, "adapter", None))
+    model, tokenizer = hub.load(args.model, dtype=getattr(torch, _DTYPES[dtype]), native=native)
     if window is not None:  # before anything builds a cache: caches are sized from model.config
         from gemmakit.eval.window import set_sliding_window
 
@@ -700,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError, OSError) as e:
         if args.debug:
             raise
-        print(f"gemmakit: error: {_message(e)}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: one message
+            print(f"gemmakit: error: {_message(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -60,11 +60,13 @@ def _fuse(x: Tensor, rows: int = DECODE_ROWS) -> bool:
 
 
 # Rows up to which torch's int8/int4 kernels beat dequantize-then-BLAS, per activation dtype. Measured
-# side by side in one process on the 2-core AVX-512 (avx512_bf16) machine, Gemma 3 270M shapes (see
-# the issue 14 report): with bf16 activations they won at every row count measured for [2048, 640] and
-# [640, 2048] (1 row: 0.04-0.1 ms against 0.4-4 ms dequantized), with fp32 activations only for
-# decoding (their fp32 loop is not vectorized: 256 rows took 10x longer than dequantize + BLAS).
-LIBRARY_ROWS = {torch.bfloat16: 1 << 30, torch.float32: DECODE_ROWS}
+# side by side in one process on the 2-core AVX-512 (avx512_bf16) machine, one thread, [2048, 640] and
+# [640, 2048] in bf16: 1 row 0.07 ms (int4 and int8 kernels); 32 rows int4 kernel 1.0 ms against 1.6
+# dequantized, int8 1.1 against 0.8; 64 rows about even; 128 rows 4.0 / 4.5 against 2.7 / 2.0; 512 rows
+# (a prefill chunk) 15.8 / 18.0 against 7.4 / 6.8, where bf16 BLAS on float weights takes 6.3. With fp32
+# activations their loop is not vectorized (1 row: 2.2 ms): only for decoding, where it was measured
+# ahead of dequantizing the whole matrix per token.
+LIBRARY_ROWS = {torch.bfloat16: 48, torch.float32: DECODE_ROWS}
 
 
 def _library(x: Tensor) -> bool:
@@ -237,107 +239,216 @@ def _unpack_int4(packed: Tensor) -> tuple[Tensor, Tensor]:
     return packed & 15, packed >> 4
 
 
+# torch's int4 CPU kernel (aten._weight_int4pack_mm_for_cpu) reads its weights interleaved in blocks of
+# KERNEL_ROWS rows: in the [rows / 64, in, 32] view of its [rows, in / 2] bytes, byte (b, k, i) holds
+# input k of row 64 b + i in its low nibble and of row 64 b + 32 + i in its high one (what
+# aten._convert_weight_to_int4pack_for_cpu makes; tested against it).
+KERNEL_ROWS = 64
+KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes the kernel takes
+
+
+def to_kernel_layout(q: Tensor) -> Tensor:
+    """4-bit values q [n, in] (uint8 0..15) -> the kernel's bytes [n rounded up to 64, in / 2]; rows
+    past n are zero."""
+    n, k = q.shape
+    pad = -n % KERNEL_ROWS
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+    v = q.view(-1, 2, 32, k)  # [block, half, i, k]
+    return (v[:, 0] | (v[:, 1] << 4)).transpose(1, 2).contiguous().view(n + pad, k // 2)
+
+
+def from_kernel_layout(packed: Tensor) -> Tensor:
+    """The kernel's bytes [rows, in / 2] (rows a multiple of 64) -> 4-bit values [rows, in] (uint8)."""
+    rows, half = packed.shape
+    v = packed.view(rows // KERNEL_ROWS, 2 * half, 32).transpose(1, 2)  # [block, i, k]
+    return torch.stack([v & 15, v >> 4], dim=1).reshape(rows, 2 * half)
+
+
+def _group_values(q: Tensor, group: int) -> Tensor:
+    """Group-layout bytes [n, in/group, group/2] -> 4-bit values [n, in] (element i of a group in the low
+    nibble of byte i, element i + group/2 in the high one: GGUF's Q4_0 block order)."""
+    lo, hi = _unpack_int4(q)
+    return torch.cat([lo, hi], dim=-1).reshape(q.shape[0], -1)
+
+
+def _group_bytes(q: Tensor, group: int) -> Tensor:
+    """The inverse of _group_values: 4-bit values [n, in] -> group-layout bytes [n, in/group, group/2]."""
+    g = q.view(q.shape[0], -1, group)
+    return g[..., :group // 2] | (g[..., group // 2:] << 4)
+
+
 class Int4Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, group: int = 32) -> None:
+    """4-bit weights in groups of `group` inputs, w = q * scale + low (q in 0..15; Q4_0: low = -8 scale).
+
+    One layout serves every path: the 4-bit values live in `packed`, the layout of torch's int4 CPU
+    kernel (see KERNEL_ROWS), which the decode step reads directly, compiled or not, with bf16
+    activations (it streams 4-bit weights at memory speed, where a compiled unpack-and-multiply loop
+    reached a third of that); more rows than LIBRARY_ROWS dequantize 64-row blocks for BLAS (prefill), and
+    fp32 decoding runs a compiled loop over the same bytes. The kernel's per-group scales and zeros
+    (`scales_and_zeros`, [in / kernel group, rows, 2] in the scales' dtype) are derived from `scale` and
+    `low`; an int4-channel layer gives them per group of 32 (its scale repeated).
+
+    The state dict keeps GGUF's Q4_0 block order (`weight` [out, in/group, group/2] uint8, `scale`, `low`
+    [out, in/group]), as does the `weight` property, computed on use (export, tests; never a hot path).
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, group: int = 32,
+                 kernel: bool = True) -> None:
+        """`kernel`: keep torch's kernel's scales and zeros (inference); False for a base that only ever
+        dequantizes (QLoRA), saving their memory (2 values per 32 weights)."""
         super().__init__()
+        if in_features % group or group % 2:
+            raise ValueError(f"int4 needs the input width ({in_features}) to be a multiple of the group size "
+                             f"({group})")
         self.in_features, self.out_features, self.group = in_features, out_features, group
         self.q4_0 = False  # quantized by llama.cpp's Q4_0 rule (low = -8 scale): what `quantize` keeps for "q4_0"
+        # The kernel's group: the module's, or for wider groups (int4-channel) 32 with the scale repeated.
+        self.kernel_group = (group if group in KERNEL_GROUPS else 32 if group % 32 == 0 else 0) if kernel else 0
+        rows = out_features + (-out_features % KERNEL_ROWS)
         n = in_features // group
-        self.register_buffer("weight", torch.zeros(out_features, n, group // 2, dtype=torch.uint8))
+        self.register_buffer("packed", torch.zeros(rows, in_features // 2, dtype=torch.uint8), persistent=False)
         self.register_buffer("scale", torch.ones(out_features, n, dtype=dtype))
         self.register_buffer("low", torch.zeros(out_features, n, dtype=dtype))
+        shape = (in_features // self.kernel_group, rows, 2) if self.kernel_group else (0, 0, 2)
+        self.register_buffer("scales_and_zeros", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def _set(self, values: Tensor, scale: Tensor, low: Tensor, start: int = 0) -> None:
+        """Rows start:start + len(values) from 4-bit values [n, in] and their scales; `start` and n are
+        multiples of 64 or n reaches the last row."""
+        end = start + values.shape[0]
+        self.packed[start:start + (-(end - start) % KERNEL_ROWS) + end - start] = to_kernel_layout(values)
+        self.scale[start:end], self.low[start:end] = scale, low
+        self._kernel_scales(start, end)
+
+    def _kernel_scales(self, start: int = 0, end: int | None = None) -> None:
+        """scales_and_zeros of rows start:end from scale and low. The kernel computes w = (q - 8) * scale
+        + zero, so zero = low + 8 * scale (in fp32, one rounding to the scales' dtype)."""
+        if not self.kernel_group:
+            return
+        end = self.out_features if end is None else end
+        scale, low = self.scale[start:end].float(), self.low[start:end].float()
+        repeat = self.group // self.kernel_group
+        sz = torch.stack([scale, low + 8 * scale], dim=-1).repeat_interleave(repeat, dim=1)  # [n, in/kg, 2]
+        self.scales_and_zeros[:, start:end] = sz.transpose(0, 1).to(self.scales_and_zeros.dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group: int = 32, q4_0: bool = False) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, group: int = 32, q4_0: bool = False, kernel: bool = True) -> Int4Linear:
         """Quantized min-max per group (quantize_int4), or by llama.cpp's Q4_0 rule (`q4_0`, group 32)."""
-        m = cls(linear.in_features, linear.out_features, linear.weight.dtype, 32 if q4_0 else group)
-        for start, end in _row_blocks(linear.out_features, linear.in_features):
+        group = 32 if q4_0 else group
+        m = cls(linear.in_features, linear.out_features, linear.weight.dtype, group, kernel)
+        for start, end in _row_blocks(linear.out_features, linear.in_features, KERNEL_ROWS):
             w = linear.weight.detach()[start:end]
-            m.weight[start:end], m.scale[start:end], m.low[start:end] = (
-                quantize_q4_0(w) if q4_0 else quantize_int4(w, group))
+            q, scale, low = quantize_q4_0(w) if q4_0 else quantize_int4(w, group)
+            m._set(_group_values(q, group), scale, low, start)
         m.q4_0 = q4_0
         return m
 
     @classmethod
     def from_q4_0_blocks(cls, qs: Tensor, d: Tensor, dtype: torch.dtype) -> Int4Linear:
-        """A q4_0 module around GGUF Q4_0 blocks as stored: qs [out, in/32, 16] uint8 (element i of a block
-        in the low nibble of byte i, element i + 16 in the high one: this module's layout), d [out, in/32]
-        float16 scales; w = d (q - 8). `qs` becomes `weight` without a copy; the scales are cast to `dtype`
-        (exact in fp32). No float matrix is made."""
+        """A q4_0 module from GGUF Q4_0 blocks as stored: qs [out, in/32, 16] uint8 (element i of a block in
+        the low nibble of byte i, element i + 16 in the high one), d [out, in/32] float16 scales; w = d (q - 8).
+        The 4-bit values are moved into the kernel's layout once; no float matrix is made."""
         out, blocks, half = qs.shape
         if qs.dtype != torch.uint8 or half != 16 or tuple(d.shape) != (out, blocks):
             raise ValueError(f"Q4_0 blocks must be uint8 [out, in/32, 16] with scales [out, in/32], got "
                              f"{qs.dtype} {list(qs.shape)} and {list(d.shape)}")
-        with torch.device("meta"):  # no zero-filled buffers to overwrite
-            m = cls(blocks * 32, out, dtype, 32)
-        m.weight, m.scale, m.low = qs, d.to(dtype), (d.float() * -8).to(dtype)
+        m = cls(blocks * 32, out, dtype, 32)
+        for start, end in _row_blocks(out, blocks * 32, KERNEL_ROWS):
+            m._set(_group_values(qs[start:end], 32), d[start:end].to(dtype), (d[start:end].float() * -8).to(dtype),
+                   start)
         m.q4_0 = True
         return m
 
+    @property
+    def weight(self) -> Tensor:
+        """The 4-bit values in GGUF's block order [out, in/group, group/2] uint8 (a new tensor)."""
+        return _group_bytes(from_kernel_layout(self.packed)[:self.out_features], self.group)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.weight
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        key = prefix + "weight"
+        q = state_dict.get(key)
+        if q is not None:
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+            want = (self.out_features, self.in_features // self.group, self.group // 2)
+            if tuple(q.shape) != want or q.dtype != torch.uint8:
+                args[-1].append(f"size mismatch for {key}: copying a param with shape {tuple(q.shape)} "
+                                f"({q.dtype}), the shape in current model is {want} (torch.uint8)")
+                return
+            with torch.no_grad():
+                self.packed.copy_(to_kernel_layout(_group_values(q, self.group)))
+        elif args[1]:  # strict: the missing key is reported by the default loader
+            args[2].append(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        with torch.no_grad():
+            self._kernel_scales()
+
+    def _values(self, start: int, end: int) -> Tensor:
+        """4-bit values of rows start:end [end - start, in] (uint8), from the 64-row blocks holding them."""
+        b0, b1 = start // KERNEL_ROWS * KERNEL_ROWS, -(-end // KERNEL_ROWS) * KERNEL_ROWS
+        return from_kernel_layout(self.packed[b0:b1])[start - b0:end - b0]
+
     def rows(self, tokens: Tensor) -> Tensor:
-        """Dequantized rows `tokens` [...] -> [..., in_features] (the embedding lookup)."""
-        lo, hi = _unpack_int4(self.weight[tokens])
-        q = torch.cat([lo, hi], dim=-1).to(self.scale.dtype)
-        w = q * self.scale[tokens][..., None] + self.low[tokens][..., None]
-        return w.reshape(*tokens.shape, self.in_features)
+        """Dequantized rows `tokens` [...] -> [..., in_features] (the embedding lookup), read from the
+        kernel's layout: row t is nibble t // 32 % 2 of column t % 32 in block t // 64."""
+        k = self.in_features
+        block = self.packed.view(-1, k, 32)
+        b, i = tokens // KERNEL_ROWS, tokens % KERNEL_ROWS
+        byte = block[b[..., None], torch.arange(k, device=tokens.device), (i % 32)[..., None]]  # [..., in]
+        q = (byte >> (4 * (i // 32)).to(torch.uint8)[..., None]) & 15
+        g = q.view(*tokens.shape, k // self.group, self.group).to(self.scale.dtype)
+        return (g * self.scale[tokens][..., None] + self.low[tokens][..., None]).reshape(*tokens.shape, k)
 
     def dequantize(self, start: int = 0, end: int | None = None) -> Tensor:
-        lo, hi = _unpack_int4(self.weight[start:end])
-        q = torch.cat([lo, hi], dim=-1).to(self.scale.dtype)
+        end = self.out_features if end is None else end
+        q = self._values(start, end).view(end - start, -1, self.group).to(self.scale.dtype)
         w = q * self.scale[start:end, :, None] + self.low[start:end, :, None]
-        return w.reshape(w.shape[0], self.in_features)
+        return w.reshape(end - start, self.in_features)
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), self.packed,
+                                                       self.kernel_group, self.scales_and_zeros)
+        if y.shape[1] != self.out_features:  # rows padded to 64 (the published sizes never are)
+            y = y[:, :self.out_features].contiguous()
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _kernel_takes(self, x: Tensor) -> bool:
+        return bool(self.kernel_group) and x.dtype == self.scales_and_zeros.dtype
 
     def fused(self, x: Tensor) -> Tensor:
-        # Dequantize in registers and reduce over the whole row at once: each packed byte is read once
-        # and feeds both halves of its group; a per-group sum first would cost one horizontal
-        # reduction per 32 weights.
-        half, groups = self.group // 2, self.in_features // self.group
-        lo, hi = _unpack_int4(self.weight)  # [out, groups, half]
-        scale, low = self.scale.float()[..., None], self.low.float()[..., None]
-        w_lo, w_hi = lo.float() * scale + low, hi.float() * scale + low
+        """x @ W.T for the compiled decode step: torch's kernel with bf16 activations (see the class
+        docstring); with fp32 ones a compiled loop over the same bytes, the scales applied in fp32."""
+        if x.dtype == torch.bfloat16 and self._kernel_takes(x):
+            return self._kernel(x)
+        k, g, n = self.in_features, self.group, self.out_features
+        p = self.packed.view(-1, k // g, g, 32)  # [block, group, element, i]
+        rows = self.packed.shape[0]
+
+        def per_block(t: Tensor) -> Tensor:  # [out, in/group] -> [block, group, 2 halves, 32]
+            t = F.pad(t.float(), (0, 0, 0, rows - n))
+            return t.view(-1, 2, 32, k // g).permute(0, 3, 1, 2)
+
+        scale, low = per_block(self.scale), per_block(self.low)
+        w_lo = (p & 15).float() * scale[:, :, None, 0] + low[:, :, None, 0]  # rows 64 b + i
+        w_hi = (p >> 4).float() * scale[:, :, None, 1] + low[:, :, None, 1]  # rows 64 b + 32 + i
 
         def product(row: Tensor) -> Tensor:
-            xg = row.reshape(groups, self.group)
-            return (xg[:, :half] * w_lo + xg[:, half:] * w_hi).sum((-1, -2))
+            xg = row.view(1, k // g, g, 1)
+            y = torch.stack([(w_lo * xg).sum((1, 2)), (w_hi * xg).sum((1, 2))], dim=1)  # [block, 2, 32]
+            return y.reshape(rows)[:n]
 
         return _per_row(x, product)
 
     def forward(self, x: Tensor) -> Tensor:
         if _fuse(x):
             return self.fused(x)
-        # The kernel packs rows 16 at a time and knows groups of 32 to 256 (not one group per row).
-        if _library(x) and self.out_features % 16 == 0 and self.group in (32, 64, 128, 256):
-            packed, scales_and_zeros = self._torch_int4pack(x.dtype)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), packed, self.group,
-                                                           scales_and_zeros)
-            return y.view(*x.shape[:-1], self.out_features)
-        return _blocked(x, self.out_features, self.dequantize)
-
-    def _torch_int4pack(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The weights in the layout of torch's int4 CPU kernel: (packed [out, in/2] uint8, scales_and_zeros
-        [in/group, out, 2] in `dtype`), made on first use and kept (as much memory again as `weight`).
-
-        The same 4-bit values, converted exactly. The kernel computes w = (q - 8) * scale + zero, so
-        zero = low + 8 * scale (computed in fp32, one rounding to `dtype`). Rebuilt when a buffer is
-        written in place (load_state_dict) or replaced.
-        """
-        stamp = (dtype, *((t.data_ptr(), t._version) for t in (self.weight, self.scale, self.low)))
-        cached = self.__dict__.get("_int4pack")  # a plain attribute: not a buffer, never saved or moved
-        if cached is None or cached[0] != stamp:
-            with torch.inference_mode(False), torch.no_grad():
-                blocks = []
-                # A block at a time (int32 temporaries); the kernel's layout interleaves 64 rows at a time
-                # (blocks of 16 rows converted apart came out different), so other heights go whole.
-                n = self.out_features
-                for start, end in _row_blocks(n, self.in_features, 64 if n % 64 == 0 else n):
-                    lo, hi = _unpack_int4(self.weight[start:end])
-                    q = torch.cat([lo, hi], dim=-1).reshape(end - start, self.in_features).to(torch.int32)
-                    blocks.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-                scale, low = self.scale.float(), self.low.float()
-                sz = torch.stack([scale.T, (low + 8 * scale).T], dim=-1).to(dtype).contiguous()
-                cached = (stamp, torch.cat(blocks), sz)
-            self.__dict__["_int4pack"] = cached
-        return cached[1], cached[2]
+        if _library(x) and self._kernel_takes(x):
+            return self._kernel(x)
+        return _blocked(x, self.out_features, self.dequantize, KERNEL_ROWS)
 
 
 # -- q8_0 and fp8 ------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def test_int4_roundtrip_error_and_packing():
     packed, scale, low = quantize_int4(w, 32)
     assert packed.dtype == torch.uint8 and packed.shape == (8, 2, 16) and scale.shape == low.shape == (8, 2)
     m = Int4Linear(64, 8, torch.float32)
-    m.weight.copy_(packed), m.scale.copy_(scale), m.low.copy_(low)
+    m.load_state_dict({"weight": packed, "scale": scale, "low": low})  # GGUF's block order in the state dict
+    assert torch.equal(m.weight, packed)
     err = (m.dequantize() - w).abs().reshape(8, 2, 32)
     assert (err <= scale[..., None] / 2 + 1e-5).all()
     with pytest.raises(ValueError, match="multiple of the group size"):
@@ -339,3 +340,41 @@ def test_compiled_decode_products_at_every_batch_equal_eager(rows):
             compiled = torch.compile(f, dynamic=False, fullgraph=True)(x).float()
         torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol * eager.abs().max().item())
     assert quant.FUSED_LAYER_ROWS < 8 <= quant.DECODE_ROWS  # the 8-row case takes the library path in a layer
+
+
+@pytest.mark.parametrize("rows", [64, 192, 70])
+def test_int4_storage_is_torch_kernels_layout(rows):
+    # One layout for every path: the bytes torch's own conversion makes (rows padded to 64 with zeros),
+    # read back exactly; the state dict and `weight` keep GGUF's block order.
+    q = torch.randint(0, 16, (rows, 96), generator=torch.Generator().manual_seed(rows), dtype=torch.uint8)
+    packed = quant.to_kernel_layout(q)
+    padded = torch.cat([q, q.new_zeros(-rows % 64, 96)]).int()
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1))
+    assert torch.equal(quant.from_kernel_layout(packed)[:rows], q)
+    lin = nn.Linear(96, rows, bias=False)
+    m = Int4Linear.from_linear(lin)
+    blocks, scale, low = quantize_int4(lin.weight.detach(), 32)
+    assert torch.equal(m.weight, blocks) and torch.equal(m.state_dict()["weight"], blocks)
+    tokens = torch.tensor([[0, rows - 1, 33], [63 % rows, 31, rows // 2]])
+    torch.testing.assert_close(m.rows(tokens), m.dequantize()[tokens], rtol=0, atol=0)  # the embedding lookup
+    assert torch.equal(m.dequantize(5, rows - 3), m.dequantize()[5:rows - 3])
+
+
+@pytest.mark.parametrize("mode", ["int4", "q4_0", "int4-channel"])
+def test_int4_decode_products_compiled_read_the_kernel_layout(mode):
+    # bf16: torch's int4 kernel inside the compiled step (rows up to DECODE_ROWS); fp32: the compiled
+    # loop over the same bytes, equal to the dequantized product to fp32 rounding.
+    lin = nn.Linear(320, 192, bias=False)
+    m = Int4Linear.from_linear(lin, 320 if mode == "int4-channel" else 32, q4_0=mode == "q4_0")
+    assert m.kernel_group == 32  # int4-channel too: its one scale per row repeated per group of 32
+    f = torch.compile(lambda x: m.fused(x), fullgraph=True)
+    for rows in (1, 3):
+        x = torch.randn(rows, 320)
+        with torch.no_grad():
+            torch.testing.assert_close(f(x), x @ m.dequantize().T, rtol=1e-5, atol=1e-5)
+    mb = Int4Linear.from_linear(lin.to(torch.bfloat16), 320 if mode == "int4-channel" else 32, q4_0=mode == "q4_0")
+    x = torch.randn(2, 320).to(torch.bfloat16)
+    with torch.no_grad():
+        y = torch.compile(lambda x: mb.fused(x), fullgraph=True)(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), x.float() @ mb.dequantize().float().T, rtol=1e-2, atol=2e-2)

@@ -230,3 +230,43 @@ def test_sft_with_teacher_and_lora_two_ranks_equals_one_process(tmp_path):
         for k in a:
             # The losses agree to 1e-5, the weights after 4 steps at lr 1e-2 up to summation order.
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
+
+
+def test_qat_two_ranks_equals_one_process(tiny):
+    """QAT's fake-quantized blocks sharded by FSDP2 (each rank rounds whole gathered matrices) and the frozen
+    original sharded like them: the same losses and trained weights as one process."""
+    argv = ["qat", "--model", str(tiny / "tiny.gguf"), "--format", "q4_0", "--data", str(tiny / "data"),
+            "--seq-len", "8", "--steps", "6", "--warmup", "2", "--lr", "1e-2", "--chunk", "3"]
+    assert cli.main([*argv, "--out", str(tiny / "q1"), "--batch-size", "4"]) == 0
+    out, _ = torchrun(tiny, [*argv, "--out", str(tiny / "q2"), "--batch-size", "2"], "q2")
+    assert losses(tiny / "q2") == pytest.approx(losses(tiny / "q1"), rel=1e-5)
+    assert len(out.splitlines()) == 1 and json.loads(out)["format"] == "q4_0"  # only rank 0 reports
+    a, b = load_file(tiny / "q1" / "model" / "model.safetensors"), load_file(tiny / "q2" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_reward_train_two_ranks_equals_one_process(tiny):
+    pairs = [{"prompt": f"{WORDS[i % len(WORDS)]} {WORDS[(i * 3) % len(WORDS)]}", "chosen": " the sea",
+              "rejected": f" {WORDS[(i * 5) % len(WORDS)]} hat"} for i in range(24)]
+    (tiny / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    argv = ["reward", "train", "--model", str(tiny / "tiny.gguf"), "--data", str(tiny / "pairs.jsonl"),
+            "--val-fraction", "0.25", "--steps", "5", "--warmup", "1", "--lr", "1e-2", "--lora-rank", "2"]
+    assert cli.main([*argv, "--out", str(tiny / "r1"), "--batch-size", "4"]) == 0
+    out, _ = torchrun(tiny, [*argv, "--out", str(tiny / "r2"), "--batch-size", "2"], "r2")
+    assert losses(tiny / "r2") == pytest.approx(losses(tiny / "r1"), rel=1e-5)
+    one, two = (json.loads((tiny / r / "eval.json").read_text()) for r in ("r1", "r2"))
+    assert json.loads(out) == two  # only rank 0 reports, and evaluates the gathered model
+    assert two["val_accuracy"] == one["val_accuracy"] and two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+
+
+def test_rl_train_refused_under_torchrun_with_one_message(tiny):
+    (tiny / "prompts.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    code, _, err = finish(tiny, launch(tiny, ["rl", "train", "--model", str(tiny / "tiny.gguf"), "--prompts",
+                                              str(tiny / "prompts.jsonl"), "--reward", "exact", "--out",
+                                              str(tiny / "rl")], "rl"), "rl")
+    assert code != 0
+    errors = [line for line in err.splitlines() if line.startswith("gemmakit: error:")]
+    assert errors == ["gemmakit: error: gemmakit rl train runs in one process, not under torchrun: each step samples "
+                      "with the engine's compiled decode, which needs the whole policy in one process"]

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -263,7 +262,7 @@ def add_parser(sub) -> None:
                     "every forward (straight-through gradient), toward the next-token distribution of the frozen "
                     "original (KL). Writes OUT/model, the trained float weights (fp32), which `--quantize FORMAT` "
                     "turns into the trained quantized model; q4_0 and q8_0 also write OUT/model-FORMAT.gguf for "
-                    "llama.cpp. Resumable like `train` (--resume).")
+                    "llama.cpp. Resumable like `train` (--resume), and sharded like it under torchrun.")
     s.add_argument("--model", required=True, help="model to quantize: GGUF file, HF directory, hub id or `default` "
                    "(the embedded Gemma 3 270M)")
     s.add_argument("--format", required=True, help=f"target quantization, one of {', '.join(MODES)} (the Gemma 3 "
@@ -296,14 +295,15 @@ def _check_args(args: argparse.Namespace) -> None:
 def qat_cmd(args: argparse.Namespace) -> None:
     """`gemmakit qat`: see the module docstring. Everything the user can get wrong is checked before training."""
     from gemmakit import hub, weights
-    from gemmakit.train.commands import _spec_id, data_tokenizer
+    from gemmakit.model import build
+    from gemmakit.train.commands import _rank0, _spec_id, data_tokenizer
+    from gemmakit.train.parallel import (apply_activation_checkpointing, full_model, init_distributed,
+                                         place_teacher, shard)
     from gemmakit.train.data import PackedData, load_meta
     from gemmakit.train.distill import check_pieces
     from gemmakit.train.trainer import check_out, train
 
     _check_args(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("gemmakit qat runs in one process, not under torchrun")
     meta = load_meta(args.data)  # a missing or unprepared --data fails before anything loads
     check_out(args.out, args.resume, args.overwrite)
     out = Path(args.out)
@@ -314,36 +314,45 @@ def qat_cmd(args: argparse.Namespace) -> None:
     if int(meta.get("max_id", meta["vocab_size"] - 1)) >= vocab:
         raise ValueError(f"the data's tokenizer has more ids than the model's {vocab} rows: prepare the data with "
                          f"the model's tokenizer")
-    model, tokenizer = hub.load(args.model, dtype=torch.float32, native=False)  # float weights to train
+    model, tokenizer = hub.load(args.model, dtype=torch.float32, native=False, progress=_rank0())  # floats to train
     check_pieces(tokenizer, data_tokenizer(args.data), "model's", "data's")
     gguf = out / f"model-{args.format}.gguf" if args.format in GGUF_TYPES else None
     if gguf is not None and (model.config.vision is not None or getattr(tokenizer, "proto", None) is None):
         why = "a vision model" if model.config.vision is not None else "no SentencePiece tokenizer"
         gguf = None
-        print(f"note: no GGUF will be written ({why}); OUT/model with --quantize {args.format} is the trained "
+        _rank0() and print(f"note: no GGUF will be written ({why}); OUT/model with --quantize {args.format} is the trained "
               f"model", file=sys.stderr)
     teacher = copy.deepcopy(model)
     prepare_qat(model, args.format)
+    rank, world = init_distributed()
     if cfg.activation_checkpointing:
-        from gemmakit.train.parallel import apply_activation_checkpointing
-
         apply_activation_checkpointing(model)  # the recomputed blocks round their weights again (same grid)
+    if world > 1:
+        # FSDP2 gathers a block's float weights before its forward, so each wrapper rounds a whole matrix
+        # (Q4_0's blocks of 32 are never split across ranks); the teacher is sharded the same way.
+        shard(model, bf16=cfg.bf16)
+    place_teacher(teacher, replicate=False)
 
-    data = PackedData(args.data, "train", cfg.seq_len, cfg.batch_size, cfg.mask_documents, seed=cfg.seed)
+    data = PackedData(args.data, "train", cfg.seq_len, cfg.batch_size, cfg.mask_documents, seed=cfg.seed,
+                      rank=rank, world=world)
     val = None
     if meta["tokens"]["val"] > cfg.seq_len:
         val = PackedData(args.data, "val", cfg.seq_len, cfg.batch_size, cfg.mask_documents, shuffle=False)
     extra = {"model": _spec_id(args.model), "format": args.format, "objective": args.objective,
              **({"k": args.k} if args.objective == "sampled" else {}),
              "data": {"train_tokens": int(meta["tokens"]["train"]), "documents": int(meta["documents"]["train"])}}
-    if args.overwrite:
+    if args.overwrite and rank == 0:
         import shutil
 
         shutil.rmtree(out / "model", ignore_errors=True)  # the earlier run's results (its checkpoint: train())
         for old in out.glob("model-*.gguf"):
             old.unlink()
     res = train(model, data, cfg, out, loss_fn=qat_loss(teacher, args.objective, args.k, cfg.chunk), val=val,
-                resume=args.resume, extra_state=extra, overwrite=args.overwrite)
+                resume=args.resume, extra_state=extra, rank=rank, overwrite=args.overwrite)
+    if not res["interrupted"]:  # (the ranks agree on it) gathered to rank 0 under FSDP2, into a plain model:
+        model = full_model(model, lambda config=model.config: build(config, "cpu"))  # the wrappers' names are its
+    if rank != 0:
+        return
     if res["interrupted"]:
         print(f"stopped by {res['interrupted']} at step {res['step']}; checkpoint saved in {out}; "
               f"continue with --resume", file=sys.stderr)

@@ -60,17 +60,14 @@ def _dequantize(q: Quantized, start: int, end: int, dtype: torch.dtype) -> Tenso
     """Rows start:end of q's weight [end - start, in] in `dtype`, written into the shared workspace (valid
     until the next call). The same values as q.dequantize (tested), rounded once to `dtype`."""
     n = (end - start) * q.in_features
-    key = (dtype, q.weight.device)
+    key = (dtype, q.scale.device)
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < n:
-        buf = _WORKSPACE[key] = torch.empty(max(n, BLOCK_ELEMENTS), dtype=dtype, device=q.weight.device)
+        buf = _WORKSPACE[key] = torch.empty(max(n, BLOCK_ELEMENTS), dtype=dtype, device=q.scale.device)
     if isinstance(q, Int8Linear):
         return torch.mul(q.weight[start:end], q.scale[start:end, None], out=buf[:n].view(end - start, q.in_features))
-    half = q.group // 2
     w = buf[:n].view(end - start, q.in_features // q.group, q.group)
-    packed = q.weight[start:end]
-    w[..., :half] = packed & 15  # quant.py's layout: element i of a group in the low nibble, i + group/2 high
-    w[..., half:] = packed >> 4
+    w.copy_(q._values(start, end).view_as(w))  # the 4-bit values, from the kernel layout's 64-row blocks
     w.mul_(q.scale[start:end, :, None]).add_(q.low[start:end, :, None])
     return w.view(end - start, q.in_features)
 
@@ -128,7 +125,7 @@ class QuantLinear(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.q.weight.device
+        return self.q.scale.device
 
     def forward(self, x: Tensor) -> Tensor:
         return quant_matmul(x, self.q)
@@ -151,7 +148,7 @@ def quantized(weight: Tensor, mode: str, group: int = 32) -> Quantized:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     linear.weight = nn.Parameter(weight.detach(), requires_grad=False)  # shared, not copied
     with torch.no_grad():
-        return Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group)
+        return Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group, kernel=False)
 
 
 def quantize_base(model: nn.Module, mode: str, group: int = 32) -> nn.Module:

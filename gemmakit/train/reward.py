@@ -222,17 +222,18 @@ class PairData(Batches):
     """Preference pairs for the trainer: each batch is `batch_size` pairs as one left-padded batch of
     2 * batch_size sequences (tokens, positions: the chosen replies, then the rejected ones, in the same
     order) plus `targets` [2B] (the trainer weighs micro-batches by their count of targets). Shuffled per
-    epoch by `seed`, with the trainer's resumable position (Batches)."""
+    epoch by `seed`, with the trainer's resumable position (Batches); under torchrun each `rank` of
+    `world` takes its slice of every global batch of batch_size * world pairs."""
 
     def __init__(self, pairs: list[tuple[list[int], list[int]]], batch_size: int, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
         if not pairs:
             raise ValueError("no preference pairs to train on")
         if batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
         self.pairs = pairs
         self.n_windows, self.batch_size, self.shuffle, self.seed = len(pairs), batch_size, shuffle, seed
-        self.rank, self.world = 0, 1
+        self.rank, self.world = rank, world
         self._start()
 
     def windows(self, idx) -> dict[str, Tensor]:

@@ -139,6 +139,7 @@ def _add_reward_train(p: argparse.ArgumentParser) -> None:
 def reward_train_cmd(args: argparse.Namespace) -> None:
     """`gemmakit reward train`: Bradley-Terry training of a reward model on preference pairs."""
     from gemmakit.train import reward as R
+    from gemmakit.train.parallel import apply_activation_checkpointing, full_model, init_distributed, shard
     from gemmakit.train.trainer import train
 
     if args.steps < 1 or args.batch_size < 1 or args.max_len < 2:
@@ -162,10 +163,19 @@ def reward_train_cmd(args: argparse.Namespace) -> None:
 
         apply_lora(model, args.lora_rank, args.lora_alpha, generator=torch.Generator().manual_seed(args.seed))
         model.score.requires_grad_(True)  # the head is new: it trains in full
-    if args.overwrite:
+    rank, world = init_distributed()
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if world > 1:
+        shard(model, bf16=cfg.bf16)  # the score head is in the root group, gathered with the final norm
+    if args.overwrite and rank == 0:
         shutil.rmtree(Path(args.out) / "model", ignore_errors=True)
-    res = train(model, R.PairData(train_pairs, args.batch_size, args.seed), cfg, args.out, loss_fn=R.pair_loss,
-                resume=args.resume, extra_state=extra, overwrite=args.overwrite)
+    res = train(model, R.PairData(train_pairs, args.batch_size, args.seed, rank=rank, world=world), cfg, args.out,
+                loss_fn=R.pair_loss, resume=args.resume, extra_state=extra, rank=rank, overwrite=args.overwrite)
+    if not res["interrupted"]:  # (the ranks agree on it) gathered to rank 0 under FSDP2
+        model = full_model(model, lambda: _plain_reward_model(model.config, args))
+    if rank != 0:
+        return
     if res["interrupted"]:
         print(f"stopped by {res['interrupted']} at step {res['step']}; checkpoint saved in {args.out}; continue with "
               f"--resume", file=sys.stderr)
@@ -182,6 +192,18 @@ def reward_train_cmd(args: argparse.Namespace) -> None:
               "val_loss": held["loss"], "val_margin": held["margin"], "model": str(out)}
     (Path(args.out) / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(report))
+
+
+def _plain_reward_model(config, args: argparse.Namespace) -> torch.nn.Module:
+    """An unsharded reward model of the trained one's structure (LoRA adapters too) on the CPU, to load into."""
+    from gemmakit.train.reward import RewardModel
+
+    plain = RewardModel(config)
+    if args.lora_rank:
+        from gemmakit.train.lora import apply_lora
+
+        apply_lora(plain, args.lora_rank, args.lora_alpha)
+    return plain
 
 
 def reward_score_cmd(args: argparse.Namespace) -> None:
@@ -323,6 +345,9 @@ def rl_train_cmd(args: argparse.Namespace) -> None:
     from gemmakit import hub, weights
     from gemmakit.train import rl
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("gemmakit rl train runs in one process, not under torchrun: each step samples with the "
+                         "engine's compiled decode, which needs the whole policy in one process")
     cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
     cfg.check()
     if args.lora_rank < 0:
