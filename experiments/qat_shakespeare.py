@@ -115,7 +115,12 @@ def main() -> None:
     results["args"] = {k: v for k, v in vars(args).items() if k not in ("formats", "train_only")}
 
     def save() -> None:
-        tmp = results_path.with_suffix(".tmp")
+        # Merged into what is on disk: two invocations may run at once on different formats.
+        disk = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
+        for fmt, run in results["runs"].items():
+            disk["runs"][fmt] = {**disk["runs"].get(fmt, {}), **run}
+        results.update({k: v for k, v in disk.items() if k not in results}, runs=disk["runs"])
+        tmp = results_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(results, indent=1))
         os.replace(tmp, results_path)
 
@@ -141,7 +146,7 @@ def main() -> None:
                        "--eval-every", str(args.eval_every), "--eval-batches", str(val_batches),
                        "--ckpt-every", "20", threads=args.threads)
         log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-        results["runs"][fmt] = {"cpu_s": cpu, "steps": args.steps, "tokens": args.steps * per_batch,
+        results["runs"][fmt] = {"cpu_s": cpu, "steps": args.steps, "lr": args.lr, "tokens": args.steps * per_batch,
                                 "curve": [(r["step"], r["val_loss"]) for r in log if "val_loss" in r],
                                 "train_kl": [r["loss"] for r in log]}
         save()
@@ -159,7 +164,7 @@ def main() -> None:
     reference.eval()
     # The curves' step 0 and the fp32 line, with the trainer's own evaluation (bf16 autocast, as logged).
     results["curve_fp32"] = evaluate(reference, val(), 256, val_batches, bf16=True)
-    for fmt in [f for f in FORMATS if f in results["runs"]]:
+    for fmt in [f for f in FORMATS if f in results["runs"] and "qat" not in results["runs"][f]]:  # not yet scored
         if "curve_ptq" not in results["runs"][fmt]:
             fake, _ = hub.load("default", dtype=torch.float32, native=False)
             results["runs"][fmt]["curve_ptq"] = evaluate(prepare_qat(fake, fmt).eval(), val(), 256, val_batches,
@@ -209,14 +214,15 @@ def report(results: dict, out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "quantization.png", dpi=120)
-    lines = ["| format | fp32 ppl | PTQ ppl | QAT ppl | gap closed | KL PTQ | KL QAT | QAT steps / tokens | QAT CPU min "
-             "| serving MiB | GGUF MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| format | fp32 ppl | PTQ ppl | QAT ppl | gap closed | KL PTQ | KL QAT | QAT steps / tokens / lr | QAT CPU "
+             "min | serving MiB | GGUF MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for fmt in fmts:
         r = results["runs"][fmt]
         gguf = f"{r['gguf_mib']:,.0f}" if r.get("gguf_mib") else "-"
         lines.append(f"| {fmt} | {r['fp32']['ppl']:.3f} | {r['ptq']['ppl']:.3f} | {r['qat']['ppl']:.3f} | "
                      f"{100 * r['gap_closed']:.0f}% | {r['ptq']['kl']:.4f} | {r['qat']['kl']:.4f} | "
-                     f"{r['steps']} / {r['tokens']:,} | {r['cpu_s'] / 60:.1f} | {r['serving_mib']:,.0f} | {gguf} |")
+                     f"{r['steps']} / {r['tokens']:,} / {r.get('lr', 1e-4):g} | {r['cpu_s'] / 60:.1f} | "
+                     f"{r['serving_mib']:,.0f} | {gguf} |")
     lines.append(f"\nfp32 serving: {results['fp32_serving_mib']:,.0f} MiB; scored on "
                  f"{results['runs'][fmts[0]]['fp32']['tokens']:,} held-out tokens." if fmts else "")
     (out / "results.md").write_text("\n".join(lines) + "\n")
