@@ -244,7 +244,9 @@ def test_qat_two_ranks_equals_one_process(tiny):
     a, b = load_file(tiny / "q1" / "model" / "model.safetensors"), load_file(tiny / "q2" / "model" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        # Summation order differs between 1 and 2 processes; at lr 1e-2 a weight's 6 updates then differ by up
+        # to ~4e-5 (one of 2,048 in a CI run), as in the SFT test.
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
 
 
 def test_reward_train_two_ranks_equals_one_process(tiny):
