@@ -254,8 +254,9 @@ def compiled_step(model: Gemma, cache: list[KVCache], token: Tensor, pos: Tensor
 
     def step(token: Tensor, pos: Tensor, cache: list[KVCache]) -> Tensor:
         # A flat list straight to the loader (AOTICompiledModel.__call__ would pytree-flatten ~300 inputs
-        # on every token).
-        return runner.boxed_run([token, pos, *_flat(cache), *weights])[0]
+        # on every token). The package reads its inputs with the example's contiguous strides: a view
+        # (a prompt's last column, say) is copied first.
+        return runner.boxed_run([token.contiguous(), pos.contiguous(), *_flat(cache), *weights])[0]
 
     return step
 

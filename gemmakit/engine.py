@@ -163,7 +163,8 @@ def generate(model: Gemma, prompts: list[list[int]], max_new_tokens: int, *, sto
     `compile`: decode with the compiled step (see decode_fn and gemmakit.compiled; the first use of a
     model layout, batch and cache bucket on a machine builds it, with a note on stderr); the tokens and
     logits equal eager decoding's (fp32 logits within 1e-5). The prefill always runs eagerly, in chunks of
-    `chunk` columns (default: prefill_chunk) through the cache (see prefill_hidden).
+    `chunk` columns (default: prefill_chunk) through the cache (see prefill_hidden); with more than one
+    new token (and no embeds or images), the prompts' last column goes through the decode step instead.
 
     Arguments are checked when this is called, before any model work: ValueError names the first bad
     one (empty prompt, a setting out of range, a prompt that does not fit the context, ...).
@@ -220,17 +221,24 @@ def _steps(model: Gemma, prompts: list[list[int]], max_new_tokens: int, stop_ids
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    # Prefill in chunks; the LM head only on the last column (left padding puts every prompt's end there).
-    logits = prefill(model, None if embeds is not None else tokens, positions, cache, chunk=chunk, embeds=embeds,
-                     image_mask=image_mask)
+    # Made (a compiled one loaded or built) before the first token is yielded, so that its note on stderr
+    # comes before any text; a single new token needs no step.
+    step = decode_fn(model, compile, cache) if max_new_tokens > 1 else None
+    if step is not None and embeds is None:
+        # Prefill all but the last column in chunks; the last column (left padding puts every prompt's
+        # end there) goes through the decode step, whose LM head is the fast one (compiled, it may use a
+        # layout that eager products are slow on: see quant.Int8Linear).
+        if longest > 1:
+            prefill_hidden(model, tokens[:, :-1], positions[:, :-1], cache, chunk=chunk)
+        logits = step(tokens[:, -1:], positions[:, -1:], cache)
+    else:  # prefill in chunks, the LM head only on the last column
+        logits = prefill(model, None if embeds is not None else tokens, positions, cache, chunk=chunk,
+                         embeds=embeds, image_mask=image_mask)
     seen = None
     if penalty is not None:  # ids present so far per sequence (the prompt's, not the padding's)
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seen[i, torch.tensor(p, device=device)] = True
-    # Made (a compiled one loaded or built) before the first token is yielded, so that its note on stderr
-    # comes before any text; a single new token needs no step.
-    step = decode_fn(model, compile, cache) if max_new_tokens > 1 else None
     next_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None]
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)

@@ -8,8 +8,8 @@ from gemmakit.model import build
 from gemmakit.quant import Int4Linear, Int8Linear, QuantEmbedding, quantize, quantize_int4, quantize_int8, weight_bytes
 
 
-def tiny():
-    cfg = get_config("gemma3-270m").replace(name="tiny", vocab_size=256, d_model=64, n_heads=2, n_kv_heads=1,
+def tiny(vocab_size: int = 256):
+    cfg = get_config("gemma3-270m").replace(name="tiny", vocab_size=vocab_size, d_model=64, n_heads=2, n_kv_heads=1,
                                             head_dim=32, intermediate_size=128, n_layers=6,
                                             layer_types=get_config("gemma3-270m").layer_types[:6],
                                             max_seq_len=64, sliding_window=8)
@@ -180,6 +180,44 @@ def test_packed_embedding_equals_the_table(vocab, dtype, tile, rows, monkeypatch
     if rows <= quant.DECODE_ROWS:  # the fused decode product
         compiled = torch.compile(emb.attend, dynamic=False, fullgraph=True)
         torch.testing.assert_close(compiled(h).float(), want, **tol)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("vocab, tile", [(128, 32), (100, 4)])  # 4 = gcd(100, 32)
+def test_fuse_decode_tiles_a_quantized_head_in_place(mode, vocab, tile, monkeypatch):
+    """The int8/fp8 LM head is re-laid out as tiles for the compiled step: same values, same checkpoint,
+    same products eagerly (blocked dequantization) and compiled (the tiled loop); and back to rows."""
+    from gemmakit.quant import fuse_decode
+
+    monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 24 * 64)  # several blocks of rows, tile-aligned
+    model = quantize(tiny(vocab_size=vocab).to(torch.bfloat16), mode)
+    table = model.model.embed_tokens.table
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = table.dequantize()
+    h = torch.randn(3, 64, dtype=torch.bfloat16)
+    tokens = torch.randint(0, vocab, (2, 5))
+    with torch.no_grad():
+        ref, ref_embed = model.model.embed_tokens.attend(h), model.model.embed_tokens(tokens)
+        storage = table.weight.untyped_storage().data_ptr()
+        fuse_decode(model)
+        fuse_decode(model)  # idempotent
+        assert table.tile == tile and table.weight.shape == (vocab // tile, 64, tile)
+        assert table.weight.untyped_storage().data_ptr() == storage  # in place: no second copy
+        torch.testing.assert_close(table.dequantize(), rows, rtol=0, atol=0)
+        torch.testing.assert_close(table.dequantize(5, 70), rows[5:70], rtol=0, atol=0)
+        torch.testing.assert_close(model.model.embed_tokens(tokens), ref_embed, rtol=0, atol=0)
+        torch.testing.assert_close(model.model.embed_tokens.attend(h), ref, rtol=2e-2, atol=2e-2)
+        compiled = torch.compile(model.model.embed_tokens.attend, dynamic=False, fullgraph=True)
+        torch.testing.assert_close(compiled(h), ref, rtol=2e-2, atol=2e-2)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)) for k, v in before.items())
+    fresh = quantize(tiny(vocab_size=vocab).to(torch.bfloat16), mode)
+    fuse_decode(fresh)
+    fresh.load_state_dict(before)  # the checkpoint's [vocab, d_model] goes into the tiles
+    assert torch.equal(fresh.model.embed_tokens.table.weight.view(torch.uint8), table.weight.view(torch.uint8))
+    table.retile(1)
+    assert table.tile == 1 and torch.equal(table.weight.view(torch.uint8), before["model.embed_tokens.table.weight"].view(torch.uint8))
 
 
 def test_a_model_after_compiled_decoding_still_trains_and_saves(monkeypatch):

@@ -375,13 +375,21 @@ class Scheduler:
     # -- prefill ----------------------------------------------------------------------------------------
 
     def _prefill(self) -> None:
-        """Up to `chunk` prompt tokens, from the slots being prefilled in the order they were admitted."""
+        """Up to `chunk` prompt tokens, from the slots being prefilled in the order they were admitted.
+
+        A prompt's last token is not prefilled: it joins the next decode step (`next_token`), whose LM
+        head is the fast one (compiled, it may use a layout that eager products are slow on, see
+        quant.Int8Linear) and computes the first tokens of every prompt that finished with the others'
+        next ones. A prompt whose last token is an image soft token is prefilled to its end instead."""
         budget = self.chunk
-        waiting = sorted((s for s in self._slots if s.job is not None and s.job.done < len(s.job.request.prompt)),
-                         key=lambda s: s.job.id)
+        waiting = sorted((s for s in self._slots if s.job is not None and s.job.next_token is None
+                          and s.job.generated == 0), key=lambda s: s.job.id)
         for slot in waiting:
             job = slot.job
-            left = len(job.request.prompt) - job.done
+            left = self._prefill_end(job) - job.done
+            if left == 0:  # everything up to the last token is cached (reused): it decodes now
+                self._last_prompt_token(job)
+                continue
             if budget < self.chunk and budget < min(left, MIN_CHUNK):
                 break  # only a sliver left: this prompt starts with a chunk of its own next step
             try:
@@ -393,13 +401,20 @@ class Scheduler:
             if budget <= 0:
                 break
 
+    def _prefill_end(self, job: _Job) -> int:
+        """Prompt tokens to prefill: all but the last (which the decode step feeds), unless it is an image's."""
+        prompt = job.request.prompt
+        return len(prompt) if prompt[-1] == self.config.image_token_id else len(prompt) - 1
+
     def _prefill_chunk(self, slot: _Slot, job: _Job, size: int) -> int:
         """Feed the next chunk (about `size` tokens, never ending inside an image) of `job`'s prompt into its
-        slot; after the last one, sample the first new token. Returns the tokens fed."""
-        prompt, start = job.request.prompt, job.done
+        slot; after the last one, hand the last prompt token to the decode step (or, for a prompt ending
+        in an image, sample the first new token). Returns the tokens fed."""
+        prompt, start, stop = job.request.prompt, job.done, self._prefill_end(job)
         base = len(prompt) - (job.embeds.shape[1] if job.embeds is not None else 0)  # where embeds start
         if job.image_mask is not None:
-            end = base + chunk_ends(len(prompt) - base, size, job.image_mask, start - base)[0]
+            mask = job.image_mask[:, :stop - base]
+            end = base + chunk_ends(stop - base, size, mask, start - base)[0]
         else:
             end = start + size
         positions = torch.arange(start, end, device=self.device)[None]
@@ -416,7 +431,16 @@ class Scheduler:
         if end == len(prompt):
             job.embeds = job.image_mask = None
             self._sampled(slot, self.model.logits(h[:, -1]).float())
+        elif end == stop:
+            job.embeds = job.image_mask = None
+            self._last_prompt_token(job)
         return end - start
+
+    def _last_prompt_token(self, job: _Job) -> None:
+        """Hand the prompt's last token to the next decode step (counted as prefilled: it is a prompt token)."""
+        job.next_token = job.request.prompt[-1]
+        with self._cond:
+            self._totals["prefill_tokens_total"] += 1
 
     # -- decode -----------------------------------------------------------------------------------------
 
