@@ -238,12 +238,10 @@ def _block_file(spec: str | None) -> bool:
     compute in bf16 by default as --quantize does)? Reads the file's header and tensor table only."""
     if not spec or not spec.endswith(".gguf") or not Path(spec).expanduser().is_file():
         return False
-    from gguf import GGUFReader
-
-    from gemmakit.gguf import native_blocks
+    from gemmakit.gguf import native_blocks, open_gguf
 
     try:
-        return native_blocks(GGUFReader(Path(spec).expanduser()))
+        return native_blocks(open_gguf(Path(spec).expanduser()))
     except (ValueError, OSError):  # a damaged file: hub.load says what is wrong with it
         return False
 

@@ -228,6 +228,24 @@ def good_gguf(tmp_path):
     return write_gguf(tmp_path / "good.gguf", model, tiny_vocab(VOCAB), extra_meta=_meta(model.config))
 
 
+def test_header_fields_equal_the_gguf_packages_reader(good_gguf):
+    """gemmakit's reader parses arrays in one piece (the vocabulary's 262k strings were most of a GGUF's
+    start-up); every field's contents, types and the tensors equal the gguf package's own reader."""
+    from gguf import GGUFReader
+
+    from gemmakit.gguf import open_gguf
+
+    ours, theirs = open_gguf(good_gguf), GGUFReader(good_gguf)
+    assert ours.fields.keys() == theirs.fields.keys()
+    for key, f in theirs.fields.items():
+        assert ours.fields[key].contents() == f.contents(), key
+        assert ours.fields[key].types[0] == f.types[0], key
+    assert len(ours.fields["tokenizer.ggml.tokens"].contents()) == VOCAB  # strings, scores, types: all read
+    assert isinstance(ours.fields["tokenizer.ggml.scores"].contents()[0], float)
+    assert [(t.name, t.tensor_type, t.data.tobytes()) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.data.tobytes()) for t in theirs.tensors]
+
+
 def test_truncated_file(tmp_path, good_gguf):
     data = good_gguf.read_bytes()
     for cut, what in ((len(data) // 2, "truncated"), (200, "corrupt or truncated")):
