@@ -1,12 +1,14 @@
-"""Serving under concurrency: `gemmakit serve` (bf16, int8) against llama.cpp's `llama-server` on the same
-GGUF file and threads, with streaming clients on loopback.
+"""Serving under concurrency: `gemmakit serve` (bf16, int8, int4, q4_0) against llama.cpp's `llama-server`
+on the same GGUF file and threads, with streaming clients on loopback.
 
 Every server is a process started as a user starts it, on the embedded Gemma 3 270M (its Q4_K_M GGUF,
-`hub.default_gguf()`; gemmakit serves the same weights dequantized, from the checkpoint it converts once):
+`hub.default_gguf()`; gemmakit serves the same weights dequantized, from the checkpoint it converts once),
+or, for the q4_0 rows, on the Q4_0 GGUF that `gemmakit export default --gguf F --type q4_0` writes (made
+once, in $GEMMAKIT_HOME/bench, as bench/inference.py does): both servers read that same file.
 
-- gemmakit: `gemmakit --threads T serve --dtype bfloat16 | --quantize int8 --max-concurrent 16
-  --max-model-len 512` (the compiled decode step over 16 slots, built once per machine before the first
-  request; the warm-up round waits for it).
+- gemmakit: `gemmakit --threads T serve --dtype bfloat16 | --quantize int8|int4 | --model F.gguf
+  --max-concurrent 16 --max-model-len 512` (the compiled decode step over 16 slots, built once per
+  machine before the first request; the warm-up round waits for it).
 - llama.cpp: `llama-server -m GGUF -t T -tb T --parallel 16 -c 8192` (continuous batching, 16 slots of 512
   tokens) built from the llama.cpp source that the llama-cpp-python sdist on PyPI vendors, next to
   bench/cli.py's binaries in $GEMMAKIT_HOME/bench/llama.cpp (`--build-llama-server`, or automatically when
@@ -51,10 +53,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
-VARIANTS = ["gemmakit bf16", "gemmakit int8", "llama-server q4_k_m"]
+VARIANTS = ["gemmakit bf16", "gemmakit int8", "gemmakit int4", "llama-server q4_k_m", "gemmakit q4_0",
+            "llama-server q4_0"]
 VLLM = "vllm bf16"
-COLORS = {"gemmakit bf16": "tab:blue", "gemmakit int8": "tab:green", "llama-server q4_k_m": "tab:orange",
+COLORS = {"gemmakit bf16": "tab:blue", "gemmakit int8": "tab:green", "gemmakit int4": "tab:olive",
+          "llama-server q4_k_m": "tab:orange", "gemmakit q4_0": "tab:cyan", "llama-server q4_0": "tab:red",
           VLLM: "tab:purple"}
+KINDS = {"bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"], "q4_0": []}
 MODEL = "gemma-3-270m"
 SLOTS, SLOT_LEN = 16, 512
 WORDS = ("the history of printing in europe begins with movable type and the press spread quickly through "
@@ -113,8 +118,9 @@ class Server:
     def argv(self) -> list[str]:
         t, a = str(self.args.threads), self.args
         if self.variant.startswith("gemmakit"):
-            kind = ["--dtype", "bfloat16"] if self.variant.endswith("bf16") else ["--quantize", "int8"]
-            return ["gemmakit", "--threads", t, "serve", "--port", str(self.port), *kind,
+            kind = KINDS[self.variant.split()[-1]]
+            model = ["--model", str(self.gguf), "--served-model-name", MODEL] if self.variant.endswith("q4_0") else []
+            return ["gemmakit", "--threads", t, "serve", "--port", str(self.port), *model, *kind,
                     "--max-concurrent", str(a.slots), "--max-model-len", str(a.slot_len),
                     "--max-queue", "256", *(["--no-compile"] if a.no_compile else [])]
         if self.variant.startswith("llama-server"):
@@ -172,21 +178,31 @@ def make_prompts(tok, n: int, length: int, seed: int) -> list[list[int]]:
 async def one_request(client, url: str, ids: list[int], max_tokens: int) -> dict:
     body = {"model": MODEL, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
+    import httpx
+
     sent = time.perf_counter()
     stamps: list[float] = []
     usage = None
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:500]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"{url}: {chunk['error']}")
-            usage = chunk.get("usage") or usage
-            if any(c.get("text") for c in chunk.get("choices") or ()):
-                stamps.append(time.perf_counter())
+    for attempt in range(2):
+        try:
+            async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:500]!r}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise RuntimeError(f"{url}: {chunk['error']}")
+                    usage = chunk.get("usage") or usage
+                    if any(c.get("text") for c in chunk.get("choices") or ()):
+                        stamps.append(time.perf_counter())
+            break
+        except httpx.RemoteProtocolError:
+            # A kept-alive connection the server had closed (llama-server does, between requests): the
+            # request never reached it, so it is sent once more on a new connection.
+            if stamps or attempt:
+                raise
     tokens = usage["completion_tokens"] if usage else len(stamps)  # a server without usage: one token per chunk
     if tokens != max_tokens:
         raise RuntimeError(f"{url}: asked for {max_tokens} tokens, got {tokens}")
@@ -236,14 +252,18 @@ def summarize(samples: dict) -> list[dict]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    ref = {r["concurrency"]: r for r in rows if r["variant"].startswith("llama-server")}
+    # "vs llama-server": against llama-server on the same file (q4_0 rows: gemmakit's Q4_0 export), else
+    # on the embedded GGUF's own Q4_K_M weights.
+    ref = {(r["variant"].split()[-1] == "q4_0", r["concurrency"]): r for r in rows
+           if r["variant"].startswith("llama-server")}
     m = meta["machine"]
     lines = [f"Serving Gemma 3 270M ({meta['gguf']}), {m['threads']} threads, streaming clients on loopback, "
              f"{meta['prompt_tokens']} prompt + {meta['max_tokens']} output tokens per request (greedy, ignore_eos), "
              f"{meta['requests_per_client']} requests per client; median of {meta['repeats']} rounds with the servers "
              f"alternating. Machine: {m['cpu']}, {m['cpu_count']} cores. torch {m['torch']}, llama.cpp "
-             f"{m['llama_cpp_commit'] or '-'} (its own Q4_K_M weights, `--parallel {meta['slots']}`); gemmakit "
-             f"`--max-concurrent {meta['slots']}`.", "",
+             f"{m['llama_cpp_commit'] or '-'} (`--parallel {meta['slots']}`; its own Q4_K_M weights, or on q4_0 rows "
+             f"gemmakit's Q4_0 export of the same model, which gemmakit q4_0 serves too; \"vs llama-server\" "
+             f"compares with llama-server on the same file); gemmakit `--max-concurrent {meta['slots']}`.", "",
              "| server | concurrency | output tok/s | vs llama-server | TTFT p50 ms | TTFT p95 ms | "
              "per-token p50 ms | per-token p95 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
@@ -251,7 +271,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         return "-" if x is None else f"{1000 * x:.0f}" if x >= 0.1 else f"{1000 * x:.1f}"
 
     for r in sorted(rows, key=lambda r: (r["concurrency"], r["variant"])):
-        base = ref.get(r["concurrency"])
+        base = ref.get((r["variant"].split()[-1] == "q4_0", r["concurrency"]))
         vs = f"{r['tok_s'] / base['tok_s']:.2f}x" if base and base is not r else "-"
         lines.append(f"| {r['variant']} | {r['concurrency']} | {r['tok_s']:.1f} | {vs} | {ms(r['ttft_p50'])} | "
                      f"{ms(r['ttft_p95'])} | {ms(r['tpot_p50'])} | {ms(r['tpot_p95'])} |")
@@ -340,13 +360,15 @@ def main() -> None:
     if unknown := [v for v in variants if v not in VARIANTS]:
         ap.error(f"unknown variant(s): {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     skipped: dict[str, str] = {}
-    if "llama-server q4_k_m" in variants and not llama_server_binary(Path(args.llama_cpp_dir)).is_file():
+    llama_rows = [v for v in variants if v.startswith("llama-server")]
+    if llama_rows and not llama_server_binary(Path(args.llama_cpp_dir)).is_file():
         try:
             build_llama_server(Path(args.llama_cpp_dir))
         except (OSError, subprocess.CalledProcessError) as e:
-            skipped["llama-server q4_k_m"] = f"left out: llama-server could not be built ({e})"
-            variants.remove("llama-server q4_k_m")
-            print(skipped["llama-server q4_k_m"], file=sys.stderr)
+            for v in llama_rows:
+                skipped[v] = f"left out: llama-server could not be built ({e})"
+                variants.remove(v)
+            print(f"llama-server could not be built ({e})", file=sys.stderr)
     if args.vllm_python:
         variants.append(VLLM)
     else:
@@ -358,14 +380,20 @@ def main() -> None:
     from gemmakit.tokenizer import Tokenizer
 
     gguf, hf_dir = hub.default_gguf(), hub.default_checkpoint()
+    q4_0 = None
+    if any(v.endswith(" q4_0") for v in variants):  # the export both servers read (made once)
+        sys.path.insert(0, str(HERE))
+        import inference
+
+        q4_0 = inference.exported("q4_0")
     tok = Tokenizer.from_dir(hf_dir)
     llama = (cli.llama_commit(llama_server_binary(Path(args.llama_cpp_dir)))
-             if "llama-server q4_k_m" in variants else None)
+             if any(v.startswith("llama-server") for v in variants) else None)
     meta = dict(machine=cli.machine(args.threads, llama), gguf=gguf.name, prompt_tokens=args.prompt_tokens,
                 max_tokens=args.max_tokens, requests_per_client=args.requests_per_client, slots=args.slots,
                 repeats=args.repeats, concurrency=concurrency, skipped=skipped,
                 command="python " + shlex.join(sys.argv))
-    servers = {v: Server(v, args, gguf, hf_dir) for v in variants}
+    servers = {v: Server(v, args, q4_0 if v.endswith(" q4_0") else gguf, hf_dir) for v in variants}
     samples: dict[tuple[str, int], list[dict]] = {}
     try:
         for v, s in servers.items():
