@@ -239,7 +239,11 @@ def test_qat_two_ranks_equals_one_process(tiny):
             "--seq-len", "8", "--steps", "6", "--warmup", "2", "--lr", "1e-2", "--chunk", "3"]
     assert cli.main([*argv, "--out", str(tiny / "q1"), "--batch-size", "4"]) == 0
     out, _ = torchrun(tiny, [*argv, "--out", str(tiny / "q2"), "--batch-size", "2"], "q2")
-    assert losses(tiny / "q2") == pytest.approx(losses(tiny / "q1"), rel=1e-5)
+    one, two = losses(tiny / "q1"), losses(tiny / "q2")
+    assert two[0] == pytest.approx(one[0], rel=1e-5)  # the same weights, batch and rounding: one step apart only by order
+    # Later steps: summation order moves a weight by ~1e-7, and where that crosses a Q4_0 rounding boundary
+    # the rounded weight jumps a whole step; a CI run saw 8e-5 relative by step 5 of 6.
+    assert two == pytest.approx(one, rel=5e-4)
     assert len(out.splitlines()) == 1 and json.loads(out)["format"] == "q4_0"  # only rank 0 reports
     a, b = load_file(tiny / "q1" / "model" / "model.safetensors"), load_file(tiny / "q2" / "model" / "model.safetensors")
     assert a.keys() == b.keys()
