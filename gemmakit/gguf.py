@@ -109,7 +109,8 @@ class _Reader(GGUFReader):
             return 12 + int(arr.nbytes), [raw_itype, alen, arr], [2], [GGUFValueType.ARRAY, itype]
         if itype != GGUFValueType.STRING:  # arrays of arrays: the reader's own way
             return super()._get_field_parts(orig_offs, raw_type)
-        view, end = memoryview(self._plain_view()), len(self._plain_view())
+        plain = self._plain_view()
+        view, end = memoryview(plain), len(plain)
         order = sys.byteorder if self.byte_order == "I" else {"little": "big", "big": "little"}[sys.byteorder]
         parts: list = [raw_itype, alen]
         idxs = []

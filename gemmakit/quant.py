@@ -136,16 +136,20 @@ def dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x, weight)
 
 
-def _per_row(x: Tensor, product: Callable[[Tensor], Tensor]) -> Tensor:
+def _per_row(x: Tensor, product: Callable[[Tensor], Tensor], widen_in_loop: bool = False) -> Tensor:
     """Apply `product` (one fp32 input row [in] -> [out]) to every row of x [..., in]; [..., out] in x's dtype.
+
+    The input is read from a buffer in fp32, or with `widen_in_loop` in x's own dtype and widened inside
+    the product's loop (which sets how wide inductor vectorizes it: see Int8Linear.fused).
 
     One reduction per row, written separately: inductor fuses reductions over the same weight into one
     loop that loads and converts each weight element once and feeds every row from registers. Written
     as one [out, rows, in] broadcast instead, it may vectorize across the rows and read the weights as
     scalars (batch 8 then runs 40x slower than batch 1).
     """
-    x2 = materialize(x.reshape(-1, x.shape[-1]).float())
-    out = torch.stack([product(x2[r]) for r in range(x2.shape[0])])
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = materialize(x2 if widen_in_loop else x2.float())
+    out = torch.stack([product(x2[r].float()) for r in range(x2.shape[0])])
     return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
@@ -236,9 +240,7 @@ class Int8Linear(nn.Module):
             # The input read in its own dtype, widened in the loop: inductor then vectorizes bf16 work 32
             # lanes wide, as two fp32 registers of running sums (one tile of 32 rows in one pass, two
             # independent sums); from an fp32 buffer it went 16 wide, through each tile twice.
-            x2 = materialize(x.reshape(-1, self.in_features))
-            out = torch.stack([(w * x2[r].float()[:, None]).sum(1).flatten() * scale for r in range(x2.shape[0])])
-            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            return _per_row(x, lambda row: (w * row[:, None]).sum(1).flatten() * scale, widen_in_loop=True)
         return _per_row(x, lambda row: (w * row).sum(-1) * scale)
 
     def forward(self, x: Tensor) -> Tensor:
