@@ -232,25 +232,34 @@ def test_sft_with_teacher_and_lora_two_ranks_equals_one_process(tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
 
 
-def test_qat_two_ranks_equals_one_process(tiny):
+def test_qat_two_ranks_equals_one_process(tiny, capsys):
     """QAT's fake-quantized blocks sharded by FSDP2 (each rank rounds whole gathered matrices) and the frozen
-    original sharded like them: the same losses and trained weights as one process."""
+    original sharded like them: the same loss, update and evaluation as one process.
+
+    One step: the two runs differ only in summation order (~1e-7), and from the second step on, wherever that
+    moves a weight across a Q4_0 rounding boundary the rounded weight jumps a whole grid step and the two
+    trajectories part (a 6-step run saw 0.8% by step 6): more steps would test the rounding's chaos, not
+    the sharding."""
+    from gemmakit.gguf import load_gguf
+
     argv = ["qat", "--model", str(tiny / "tiny.gguf"), "--format", "q4_0", "--data", str(tiny / "data"),
-            "--seq-len", "8", "--steps", "6", "--warmup", "2", "--lr", "1e-2", "--chunk", "3"]
+            "--seq-len", "8", "--steps", "1", "--warmup", "0", "--lr", "1e-2", "--chunk", "3"]
+    capsys.readouterr()
     assert cli.main([*argv, "--out", str(tiny / "q1"), "--batch-size", "4"]) == 0
+    one = json.loads(capsys.readouterr().out)
     out, _ = torchrun(tiny, [*argv, "--out", str(tiny / "q2"), "--batch-size", "2"], "q2")
-    one, two = losses(tiny / "q1"), losses(tiny / "q2")
-    assert two[0] == pytest.approx(one[0], rel=1e-5)  # the same weights, batch and rounding: one step apart only by order
-    # Later steps: summation order moves a weight by ~1e-7, and where that crosses a Q4_0 rounding boundary
-    # the rounded weight jumps a whole step; a CI run saw 8e-5 relative by step 5 of 6.
-    assert two == pytest.approx(one, rel=5e-4)
-    assert len(out.splitlines()) == 1 and json.loads(out)["format"] == "q4_0"  # only rank 0 reports
+    assert len(out.splitlines()) == 1  # only rank 0 reports
+    two = json.loads(out)
+    assert losses(tiny / "q2") == pytest.approx(losses(tiny / "q1"), rel=1e-5)
+    assert two["format"] == "q4_0" and two["kl"] == pytest.approx(one["kl"], rel=1e-4)  # the gathered model
     a, b = load_file(tiny / "q1" / "model" / "model.safetensors"), load_file(tiny / "q2" / "model" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
-        # Summation order differs between 1 and 2 processes; at lr 1e-2 a weight's 6 updates then differ by up
-        # to ~4e-5 (one of 2,048 in a CI run), as in the SFT test.
+        # Adam's first step is about lr * sign(gradient): where a gradient is near 0, summation order moves the
+        # update by up to ~1e-5 (a hundredth of the step's 1e-2; one weight of 6,144 in a run).
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
+    before = load_gguf(tiny / "tiny.gguf", progress=False)[1]
+    assert any(not torch.equal(a[k], before[k]) for k in a if k in before)  # the step moved the weights
 
 
 def test_reward_train_two_ranks_equals_one_process(tiny):
