@@ -1,4 +1,4 @@
-"""Serving under concurrency: `gemmakit serve` (bf16, int8, int4, q4_0) against llama.cpp's `llama-server`
+"""Serving under concurrency: `gemmakit serve` (bf16, int8, w8a8, int4, q4_0) against llama.cpp's `llama-server`
 on the same GGUF file and threads, with streaming clients on loopback.
 
 Every server is a process started as a user starts it, on the embedded Gemma 3 270M (its Q4_K_M GGUF,
@@ -6,7 +6,7 @@ Every server is a process started as a user starts it, on the embedded Gemma 3 2
 or, for the q4_0 rows, on the Q4_0 GGUF that `gemmakit export default --gguf F --type q4_0` writes (made
 once, in $GEMMAKIT_HOME/bench, as bench/inference.py does): both servers read that same file.
 
-- gemmakit: `gemmakit --threads T serve --dtype bfloat16 | --quantize int8|int4 | --model F.gguf
+- gemmakit: `gemmakit --threads T serve --dtype bfloat16 | --quantize int8|w8a8|int4 | --model F.gguf
   --max-concurrent 16 --max-model-len 512` (the compiled decode step over 16 slots, built once per
   machine before the first request; the warm-up round waits for it).
 - llama.cpp: `llama-server -m GGUF -t T -tb T --parallel 16 -c 8192` (continuous batching, 16 slots of 512
@@ -53,13 +53,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
-VARIANTS = ["gemmakit bf16", "gemmakit int8", "gemmakit int4", "llama-server q4_k_m", "gemmakit q4_0",
-            "llama-server q4_0"]
+VARIANTS = ["gemmakit bf16", "gemmakit int8", "gemmakit w8a8", "gemmakit int4", "llama-server q4_k_m",
+            "gemmakit q4_0", "llama-server q4_0"]
 VLLM = "vllm bf16"
-COLORS = {"gemmakit bf16": "tab:blue", "gemmakit int8": "tab:green", "gemmakit int4": "tab:olive",
-          "llama-server q4_k_m": "tab:orange", "gemmakit q4_0": "tab:cyan", "llama-server q4_0": "tab:red",
-          VLLM: "tab:purple"}
-KINDS = {"bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"], "q4_0": []}
+COLORS = {"gemmakit bf16": "tab:blue", "gemmakit int8": "tab:green", "gemmakit w8a8": "tab:brown",
+          "gemmakit int4": "tab:olive", "llama-server q4_k_m": "tab:orange", "gemmakit q4_0": "tab:cyan",
+          "llama-server q4_0": "tab:red", VLLM: "tab:purple"}
+KINDS = {"bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"], "w8a8": ["--quantize", "w8a8"],
+         "int4": ["--quantize", "int4"], "q4_0": []}
 MODEL = "gemma-3-270m"
 SLOTS, SLOT_LEN = 16, 512
 WORDS = ("the history of printing in europe begins with movable type and the press spread quickly through "

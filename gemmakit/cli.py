@@ -150,10 +150,11 @@ def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
                    help="compute dtype (default float32; bfloat16 with --quantize or a Q4_0/Q8_0 GGUF, whose "
                         "int8/int4 kernels are fast with bf16 activations)")
-    s.add_argument("--quantize", default=None, choices=["int8", "int4", "int4-channel", "q4_0", "q8_0", "fp8"],
-                   help="weight-only quantization (default: none): int8 per channel, int4 in groups of 32, "
+    s.add_argument("--quantize", default=None, choices=["int8", "int4", "int4-channel", "q4_0", "q8_0", "fp8", "w8a8"],
+                   help="quantization (default: none): weight-only int8 per channel, int4 in groups of 32, "
                         "int4-channel (one group per channel), q4_0 / q8_0 (llama.cpp's blocks of 32), fp8 (e4m3, "
-                        "a scale per channel)")
+                        "a scale per channel); or w8a8: int8 weights times activations rounded to int8 per token "
+                        "(fastest for many streams at once and for long prompts)")
     s.add_argument("--adapter", default=None, metavar="DIR",
                    help="a PEFT LoRA adapter directory, folded into the weights at load (default: none)")
     from gemmakit.eval.window import add_sliding_window_arg

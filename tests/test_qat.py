@@ -19,7 +19,7 @@ from conftest import random_model, tiny_config
 from gguf_files import tiny_vocab, write_gguf
 from gemmakit import cli, hub
 from gemmakit.gguf import load_gguf
-from gemmakit.quant import MODES, QUANTIZED, QuantEmbedding, fake_quantize, quantize, quantize_q4_0
+from gemmakit.quant import QUANTIZED, QuantEmbedding, fake_quantize, quantize, quantize_q4_0
 from gemmakit.train import data as D
 from gemmakit.train import qat as Q
 from gemmakit.train import trainer as T
@@ -47,7 +47,7 @@ def kl_to(teacher, model, tokens) -> float:
 # -- the fake-quantized model ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("generation", [2, 3])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", Q.FORMATS)
 def test_fake_quantized_forward_equals_the_ptq_model(mode, generation):
     model = tiny(generation=generation)
     ptq = quantize(copy.deepcopy(model), mode)
@@ -73,7 +73,7 @@ def test_fake_quantized_forward_equals_the_ptq_model(mode, generation):
         torch.testing.assert_close(quantize(plain, mode)(tokens), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", Q.FORMATS)
 def test_straight_through_gradient_is_the_identity(mode):
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(8, 64, generator=g) * 0.05).requires_grad_()

@@ -416,3 +416,68 @@ def test_int4_decode_products_compiled_read_the_kernel_layout(mode):
         y = torch.compile(lambda x: mb.fused(x), fullgraph=True)(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), x.float() @ mb.dequantize().float().T, rtol=1e-2, atol=2e-2)
+
+
+# -- w8a8: int8 weights times per-token int8 activations ---------------------------------------------------
+
+def w8a8_reference(m: quant.W8A8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The definition, with the integer products summed in int64 (exactly): per-token symmetric int8 of x."""
+    xf = x.float().reshape(-1, m.in_features)
+    sx = xf.abs().amax(-1, keepdim=True) / 127
+    qx = torch.round(xf / sx).clamp(-127, 127)
+    acc = (qx.long() @ m.weight.long().t()).float()
+    return (acc * sx * m.scale.float()).to(x.dtype).view(*x.shape[:-1], m.out_features)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_is_int8_weights_times_int8_activations_per_token(dtype):
+    lin = nn.Linear(96, 40, bias=False).to(dtype).requires_grad_(False)
+    m = quant.W8A8Linear.from_linear(lin)
+    w8 = Int8Linear.from_linear(lin)
+    assert torch.equal(m.weight, w8.weight) and torch.equal(m.scale, w8.scale)  # int8's weights, same state dict
+    x = torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[0, 0] *= 50  # one loud token: its scale is its own, the others' are not coarsened by it
+    y = m(x)
+    assert y.dtype == dtype and y.shape == (3, 7, 40)
+    assert torch.equal(y, w8a8_reference(m, x))
+    q, s = quant.quantize_activations(x)
+    assert q.dtype == torch.int8 and int(q.abs().amax(-1).min()) == 127  # every token uses the whole range
+    assert torch.equal(s.squeeze(-1), x.float().abs().amax(-1) / 127)
+    assert 0 < (y.float() - w8(x).float()).norm() / w8(x).float().norm() < 0.02  # the activations' rounding
+
+
+@pytest.mark.parametrize("width", [64, quant.EXACT_FP32_INPUTS + 16])
+def test_w8a8_gives_each_row_the_same_bits_whatever_the_batch_or_path(width):
+    """Integer sums are exact: the compiled head (an fp32 loop for one row, torch._int_mm for more), a
+    compiled layer and eager products agree bit for bit at every batch size, with the largest values the
+    format has (every product 127 * 127: the fp32 loop's worst case)."""
+    torch._dynamo.reset()  # 6 compilations of the same code: the earlier tests' count toward the limit
+    torch.manual_seed(0)
+    lin = nn.Linear(width, 96, bias=False).to(torch.bfloat16).requires_grad_(False)
+    head = QuantEmbedding(quant.W8A8Linear.from_linear(lin))
+    head.table.weight[:4] = 127
+    x = torch.randn(16, width).to(torch.bfloat16)
+    x[:2] = 1.0  # rows quantized to all 127s
+    with torch.no_grad():
+        alone = torch.cat([head.attend(x[i:i + 1]) for i in range(16)])
+        assert torch.equal(alone, w8a8_reference(head.table, x))
+        for rows in (1, 2, 16):
+            f = torch.compile(head.attend, dynamic=False, fullgraph=True)
+            assert torch.equal(f(x[:rows]), alone[:rows]), rows
+            g = torch.compile(head.table, dynamic=False, fullgraph=True)  # as a layer: torch._int_mm
+            assert torch.equal(g(x[:rows]), alone[:rows]), rows
+
+
+def test_w8a8_model_decodes_compiled_as_eager_and_batched_as_alone():
+    from gemmakit.engine import generate
+
+    model = quantize(tiny(), "w8a8")
+    assert all(type(m) is quant.W8A8Linear for m in model.modules() if isinstance(m, quant.QUANTIZED))
+    assert model.model.embed_tokens.table.tile == 1  # fuse_decode leaves its rows (torch._int_mm reads rows)
+    prompts = [[2, 5, 7, 9, 11], [2, 9], [2, 30, 31]]
+    eager = list(generate(model, prompts, 6))
+    assert list(generate(model, prompts, 6, compile=True)) == eager
+    for i, p in enumerate(prompts):
+        assert [t[0] for t in generate(model, [p], 6, compile=True)] == [t[i] for t in eager]
+    stored = sum(t.nbytes for t in model.state_dict().values())
+    assert stored == weight_bytes(model.config, "w8a8", dtype_bytes=4)

@@ -39,6 +39,8 @@ from torch import Tensor, nn
 from gemmakit.quant import MODES, fake_quantize
 from gemmakit.train.trainer import LossFn, TrainConfig
 
+# QAT rounds weights; w8a8 also rounds activations at run time, which training here does not model.
+FORMATS = tuple(m for m in MODES if m != "w8a8")
 GGUF_TYPES = ("q4_0", "q8_0")  # formats a GGUF stores as such (export.py's block types)
 OBJECTIVES = ("full", "sampled")
 # QAT starts from a trained model and only nudges weights across rounding boundaries: a fine-tuning lr,
@@ -139,8 +141,8 @@ def prepare_qat(model: nn.Module, mode: str) -> nn.Module:
     Raises ValueError for an unknown mode, a matrix whose width the format cannot take (e.g. not a
     multiple of 32 for q4_0), or an embedding that is not a plain nn.Embedding (already quantized).
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization format {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in FORMATS:
+        raise ValueError(f"unknown quantization format {mode!r}; choose one of {', '.join(FORMATS)}")
     body = model.model
     if type(body.embed_tokens) is not nn.Embedding:
         raise ValueError(f"QAT needs a float model; the embedding is a {type(body.embed_tokens).__name__} "
@@ -265,7 +267,7 @@ def add_parser(sub) -> None:
                     "llama.cpp. Resumable like `train` (--resume), and sharded like it under torchrun.")
     s.add_argument("--model", required=True, help="model to quantize: GGUF file, HF directory, hub id or `default` "
                    "(the embedded Gemma 3 270M)")
-    s.add_argument("--format", required=True, help=f"target quantization, one of {', '.join(MODES)} (the Gemma 3 "
+    s.add_argument("--format", required=True, help=f"target quantization, one of {', '.join(FORMATS)} (the Gemma 3 "
                    f"report's formats: q4_0, int4-channel, fp8)")
     s.add_argument("--data", required=True, help="directory written by `gemmakit data prepare`")
     s.add_argument("--out", required=True, help="run directory: checkpoint/, log.jsonl, model/, model-FORMAT.gguf")
@@ -286,8 +288,8 @@ def add_parser(sub) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.format not in MODES:
-        raise ValueError(f"unknown --format {args.format!r}; choose one of {', '.join(MODES)}")
+    if args.format not in FORMATS:
+        raise ValueError(f"unknown --format {args.format!r}; choose one of {', '.join(FORMATS)}")
     if args.objective not in OBJECTIVES:
         raise ValueError(f"unknown --objective {args.objective!r}; choose full or sampled")
 
