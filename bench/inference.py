@@ -1,7 +1,7 @@
-"""Inference speed and memory: gemmakit (fp32, bf16, int8, int4, q4_0, q8_0, fp8) against transformers
+"""Inference speed and memory: gemmakit (fp32, bf16, int8, w8a8, int4, q4_0, q8_0, fp8) against transformers
 (fp32, bf16) and llama.cpp.
 
-The float, int8, int4 and fp8 variants load the embedded Gemma 3 270M Q4_K_M GGUF: transformers
+The float, int8, w8a8, int4 and fp8 variants load the embedded Gemma 3 270M Q4_K_M GGUF: transformers
 dequantizes it itself, gemmakit loads its dequantized checkpoint (and quantizes it, as `--quantize`
 does), llama.cpp (the `llama-cpp-python` binding, an optional install that builds llama.cpp for this
 CPU) runs its Q4_K_M weights as they are; without the binding that variant is left out. The q4_0 and
@@ -47,8 +47,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-VARIANTS = ["gemmakit fp32", "gemmakit bf16", "gemmakit int8", "gemmakit int4", "gemmakit q4_0", "gemmakit q8_0",
-            "gemmakit fp8", "transformers fp32", "transformers bf16", "llama.cpp q4_k_m", "llama.cpp q4_0"]
+VARIANTS = ["gemmakit fp32", "gemmakit bf16", "gemmakit int8", "gemmakit w8a8", "gemmakit int4", "gemmakit q4_0",
+            "gemmakit q8_0", "gemmakit fp8", "transformers fp32", "transformers bf16", "llama.cpp q4_k_m", "llama.cpp q4_0"]
 EXPORTED = ("q4_0", "q8_0")  # variants that load the exported GGUF of that type
 PREFILL, NEW, BATCH, DECODE_PROMPT = 512, 128, 8, 32
 OUT = Path(__file__).parent / "results"
