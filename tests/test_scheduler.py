@@ -92,6 +92,25 @@ def test_continuous_batching_equals_each_prompt_alone(generation):
     assert stats["completion_tokens_total"] == sum(NEW) and stats["requests_total"] == len(PROMPTS)
 
 
+def test_continuous_batching_in_w8a8_gives_each_prompt_its_logprobs_alone():
+    """w8a8 rounds every token's activations, so a batch-dependent difference anywhere would flip roundings.
+    Its integer products do not depend on the batch: staggered requests get, bit for bit, the log-probs
+    each gets alone in the scheduler."""
+    from gemmakit.quant import quantize
+
+    model = quantize(random_model(tiny_config(3)).eval(), "w8a8")
+
+    def logprobs(run, rid):
+        return [(e.token, e.logprob, e.top_logprobs) for e in run.events[rid] if e.token is not None]
+
+    batched, ids = staggered(model, Scheduler(model, Tok(), max_slots=3, max_len=96, chunk=16, compile=False),
+                             logprobs=3)
+    for rid, p, n in zip(ids, PROMPTS, NEW):
+        one, [ref] = staggered(model, Scheduler(model, Tok(), max_slots=1, max_len=96, chunk=16, compile=False),
+                               [p], [n], logprobs=3)
+        assert logprobs(batched, rid) == logprobs(one, ref)
+
+
 def test_a_long_prompt_is_prefilled_between_the_others_decode_steps():
     model = random_model(tiny_config(2)).eval()
     scheduler = Scheduler(model, Tok(), max_slots=2, max_len=96, chunk=16, compile=False)
