@@ -628,8 +628,9 @@ class W8A8Linear(Int8Linear):
     int8 head by rows and faster there than oneDNN's one-row product; it is exact too (see
     EXACT_FP32_INPUTS; wider models use torch._int_mm).
     Side by side, 2-core AVX-512 VNNI machine, the 270M's [262144, 640] head: 16 rows 17.6 ms against
-    int8's 55 (its fp32 loop) and 65 (aten._weight_int8pack_mm); one row 9.5 ms (the loop: 7.4);
-    [2048, 640] layers, one row, compiled: 0.041 ms against int8's 0.047.
+    int8's 55 (its fp32 loop) and 65 (aten._weight_int8pack_mm); one bf16 row compiled, 9.2 ms with
+    torch._int_mm and 6.1 ms with the loop; [2048, 640] layers, one row, compiled: 0.041 ms against int8's
+    0.047. On the CPU: torch._int_mm's CUDA kernel wants more than 16 rows.
     """
 
     def retile(self, tile: int) -> None:
