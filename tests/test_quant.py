@@ -119,6 +119,16 @@ def test_unknown_mode_is_an_error():
         quantize(tiny(), "int3")
 
 
+def test_every_command_offers_every_format():
+    """cli.py spells the formats out (it does not import torch, which quant.py needs): the same list."""
+    from gemmakit import cli
+
+    for command in ("generate", "chat", "perplexity", "serve"):
+        sub = cli.build_parser()._subparsers._group_actions[0].choices[command]
+        [action] = [a for a in sub._actions if a.dest == "quantize"]
+        assert tuple(action.choices) == quant.MODES, command
+
+
 @pytest.mark.parametrize("dtype, tile", [(torch.bfloat16, 32), (torch.float32, 1)])
 def test_fuse_decode_keeps_the_checkpoint_and_the_outputs(dtype, tile):
     from gemmakit.quant import DenseLinear, PackedEmbedding, fuse_decode
