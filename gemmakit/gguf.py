@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from gemmakit.config import GLOBAL, LOCAL, Config, layer_pattern
 from gemmakit.model import Gemma, build
-from gemmakit.quant import BlockInt8Linear, Int4Linear, QuantEmbedding
+from gemmakit.quant import BlockInt8Linear, Q4_0Linear, QuantEmbedding
 
 GENERATIONS = {"gemma": 1, "gemma2": 2, "gemma3": 3}
 
@@ -302,8 +302,8 @@ def native_blocks(reader: GGUFReader) -> bool:
 
 
 def _block_module(t: ReaderTensor, dtype: torch.dtype) -> nn.Module:
-    """quant.Int4Linear (Q4_0) or quant.BlockInt8Linear (Q8_0) holding the tensor's blocks: the quantized
-    values copied once out of the memory map into the module's buffer, the fp16 scales cast to `dtype`.
+    """quant.Q4_0Linear (Q4_0) or quant.BlockInt8Linear (Q8_0) holding the tensor's blocks: the quantized
+    values copied once out of the memory map into the module's buffer (Q8_0's fp16 scales cast to `dtype`; Q4_0 keeps them).
     No float matrix is made. A non-finite scale (a damaged block) is an error naming the tensor."""
     rows, cols = _shape(t)
     raw = t.data.view(np.ndarray).reshape(rows, cols // 32, _BLOCK_BYTES[t.tensor_type])
@@ -314,7 +314,7 @@ def _block_module(t: ReaderTensor, dtype: torch.dtype) -> nn.Module:
                          f"(a {t.tensor_type.name} scale must be a finite float16)")
     qs = np.ascontiguousarray(raw[..., 2:])  # the copy that becomes the weight buffer (the map is read-only)
     if t.tensor_type == GGMLQuantizationType.Q4_0:
-        return Int4Linear.from_q4_0_blocks(torch.from_numpy(qs), torch.from_numpy(d), dtype)
+        return Q4_0Linear.from_q4_0_blocks(torch.from_numpy(qs), torch.from_numpy(d), dtype)
     return BlockInt8Linear.from_q8_0_blocks(torch.from_numpy(qs.view(np.int8).reshape(rows, cols)),
                                             torch.from_numpy(d), dtype)
 
@@ -376,7 +376,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, prog
     """(model in eval mode, vocabulary) of a Gemma 1/2/3 GGUF file, on the CPU.
 
     native, and the file's matrices Q4_0/Q8_0 (`native_blocks`): each Q4_0 matrix becomes a
-    quant.Int4Linear (q4_0) and each Q8_0 one a quant.BlockInt8Linear holding the file's blocks (the
+    quant.Q4_0Linear (q4_0) and each Q8_0 one a quant.BlockInt8Linear holding the file's blocks (the
     embedding a quant.QuantEmbedding around one), the model `quant.quantize(model, "q4_0" / "q8_0")`
     would give, without any float copy of those matrices; their scales are in `dtype` (in fp32 the
     weights equal the gguf package's dequantization exactly). Other tensors (norms, float matrices)

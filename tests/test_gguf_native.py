@@ -18,13 +18,13 @@ from gguf_files import tiny_vocab, write_gguf as write_converted
 from gemmakit import gguf, hub, quant
 from gemmakit.cli import main
 from gemmakit.export import gguf_name, write_gguf
-from gemmakit.quant import BlockInt8Linear, Int4Linear, QuantEmbedding, quantize, weight_bytes
+from gemmakit.quant import BlockInt8Linear, Q4_0Linear, QuantEmbedding, quantize, weight_bytes
 from gemmakit.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 512  # tiny_vocab needs room for its 256 byte pieces
-MODULES = {"q4_0": Int4Linear, "q8_0": BlockInt8Linear}
+MODULES = {"q4_0": Q4_0Linear, "q8_0": BlockInt8Linear}
 Q4_0, Q8_0 = GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0
 
 
@@ -64,7 +64,7 @@ def test_block_gguf_loads_as_its_blocks(tmp_path, mode, generation):
         w = dict(original.named_parameters())[name].detach()
         if mode == "q4_0":
             packed, d, low = quant.quantize_q4_0(w)
-            assert m.q4_0 and torch.equal(m.weight, packed) and torch.equal(m.scale, d) and torch.equal(m.low, low), name
+            assert torch.equal(m.weight, packed) and torch.equal(m.scale, d) and torch.equal(m.low, low), name
         else:
             q, d = quant.quantize_q8_0(w)
             assert torch.equal(m.weight, q) and torch.equal(m.scale, d), name
@@ -152,7 +152,7 @@ def test_mixed_file_loads_blocks_and_floats(tmp_path):
     assert model.model.layers[0].mlp.up_proj is kept
     ref = quantize(_float(), "q4_0")
     for name, m in _matrices(model).items():
-        assert type(m) is Int4Linear, name
+        assert type(m) is Q4_0Linear, name
     down = model.model.layers[1].mlp.down_proj
     packed, _, _ = quant.quantize_q4_0(original.model.layers[1].mlp.down_proj.weight.detach().half().float())
     assert torch.equal(down.weight, packed)
@@ -280,12 +280,12 @@ def test_compiled_greedy_decoding_equals_eager(tmp_path, compile_home):
     path = write_converted(tmp_path / "m.gguf", original, tiny_vocab(300), default_qtype=Q4_0,
                            qtypes={"model.embed_tokens.weight": Q8_0})
     model, _ = hub.load(str(path), progress=False, native=True)
-    assert type(model.model.layers[0].mlp.up_proj) is Int4Linear
+    assert type(model.model.layers[0].mlp.up_proj) is Q4_0Linear
     assert type(model.model.embed_tokens.table) is BlockInt8Linear
     prompts = [[2, 5, 7], [2, 9]]
     eager = list(generate(model, prompts, 8))
     assert list(generate(model, prompts, 8, compile=True)) == eager
-    assert type(model.model.layers[0].mlp.up_proj) is Int4Linear  # still the file's blocks
+    assert type(model.model.layers[0].mlp.up_proj) is Q4_0Linear  # still the file's blocks
 
 
 def test_saving_a_quantized_model_as_a_checkpoint_is_refused(tmp_path):

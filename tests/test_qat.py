@@ -17,9 +17,10 @@ from gguf import GGMLQuantizationType, GGUFReader
 
 from conftest import random_model, tiny_config
 from gguf_files import tiny_vocab, write_gguf
-from gemmakit import cli, hub
+from gemmakit import cli, hub, quant
 from gemmakit.gguf import load_gguf
-from gemmakit.quant import QUANTIZED, QuantEmbedding, fake_quantize, quantize, quantize_q4_0
+from gemmakit import quant
+from gemmakit.quant import QUANTIZED, Q4_0Linear, QuantEmbedding, fake_quantize, quantize, quantize_q4_0
 from gemmakit.train import data as D
 from gemmakit.train import qat as Q
 from gemmakit.train import trainer as T
@@ -46,6 +47,19 @@ def kl_to(teacher, model, tokens) -> float:
 
 # -- the fake-quantized model ---------------------------------------------------------------------------
 
+def weights_only(ptq):
+    """The PTQ model's products on its dequantized weights: q4_0 also rounds activations to Q8_0 blocks
+    (as llama.cpp), which QAT does not model; its weights are what QAT trains."""
+    emb = ptq.model.embed_tokens
+    if isinstance(emb, QuantEmbedding) and isinstance(emb.table, Q4_0Linear):
+        ptq.model.embed_tokens = torch.nn.Embedding.from_pretrained(emb.table.dequantize())
+    for parent in list(ptq.model.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Q4_0Linear):
+                setattr(parent, name, quant._dequantized(child))
+    return ptq
+
+
 @pytest.mark.parametrize("generation", [2, 3])
 @pytest.mark.parametrize("mode", Q.FORMATS)
 def test_fake_quantized_forward_equals_the_ptq_model(mode, generation):
@@ -59,7 +73,7 @@ def test_fake_quantized_forward_equals_the_ptq_model(mode, generation):
     assert qat.state_dict().keys() == model.state_dict().keys()  # same names: checkpoints, saving, quantize()
     tokens = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = ptq(tokens)
+        ref = weights_only(copy.deepcopy(ptq))(tokens)
         torch.testing.assert_close(qat(tokens), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(qat(tokens).detach(), ref, rtol=1e-5, atol=1e-5)  # the training path (autograd)
     qat.eval()
@@ -70,7 +84,7 @@ def test_fake_quantized_forward_equals_the_ptq_model(mode, generation):
     assert all(type(m) in (torch.nn.Linear, torch.nn.Embedding) for m in plain.modules()
                if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
     with torch.no_grad():
-        torch.testing.assert_close(quantize(plain, mode)(tokens), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(weights_only(quantize(plain, mode))(tokens), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", Q.FORMATS)
@@ -172,8 +186,17 @@ def test_cached_rounding_follows_the_weights(monkeypatch):
         assert torch.equal(qat(tokens), out)
     emb = qat.model.embed_tokens
     assert not torch.equal(emb.fake_weight(), before["model.embed_tokens.weight"])
+    # the weights the evaluation used are the quantized model's (whose q4_0 products also round activations)
+    plain = Q.remove_qat(copy.deepcopy(qat))
+    quantized = quantize(copy.deepcopy(plain), "q4_0")
     with torch.no_grad():
-        torch.testing.assert_close(out, quantize(Q.remove_qat(copy.deepcopy(qat)), "q4_0")(tokens), rtol=1e-5, atol=1e-5)
+        for name, p in plain.named_parameters():
+            if p.ndim == 2:
+                p.copy_(fake_quantize(p, "q4_0"))
+        torch.testing.assert_close(out, plain(tokens), rtol=1e-5, atol=1e-5)
+    lm = quantized.model
+    assert torch.equal(lm.embed_tokens.table.dequantize(), plain.model.embed_tokens.weight)
+    assert torch.equal(lm.layers[0].mlp.up_proj.dequantize(), plain.model.layers[0].mlp.up_proj.weight)
 
 
 def test_unsupported_widths_and_models_are_refused_before_training():
@@ -200,7 +223,7 @@ def test_a_short_qat_run_lowers_the_kl_below_ptq(tmp_path, mode, objective):
     D.prepare([src], _encode, tmp_path / "data", V, val_fraction=0.0)
     held_out = torch.tensor([_encode("the sea is a hat on this thesis, a test 9")])  # the same kind of text
     teacher = tiny(seed=3)
-    ptq_kl = kl_to(teacher, quantize(copy.deepcopy(teacher), mode), held_out)
+    ptq_kl = kl_to(teacher, weights_only(quantize(copy.deepcopy(teacher), mode)), held_out)
     model = Q.prepare_qat(copy.deepcopy(teacher), mode)
     assert kl_to(teacher, model, held_out) == pytest.approx(ptq_kl, rel=1e-4)  # step 0 is PTQ
     cfg = T.TrainConfig(steps=30, batch_size=4, seq_len=16, lr=3e-4, warmup=3, weight_decay=0.0, ckpt_every=100)
@@ -208,7 +231,7 @@ def test_a_short_qat_run_lowers_the_kl_below_ptq(tmp_path, mode, objective):
                   loss_fn=Q.qat_loss(teacher, objective, k=256, chunk=32))
     losses = [r["loss"] for r in res["log"]]
     assert len(set(losses)) == len(losses) and np.mean(losses[-5:]) < np.mean(losses[:5])
-    qat_kl = kl_to(teacher, quantize(Q.remove_qat(model), mode), held_out)  # what gets saved, quantized by PTQ
+    qat_kl = kl_to(teacher, weights_only(quantize(Q.remove_qat(model), mode)), held_out)  # saved, quantized by PTQ
     assert qat_kl < 0.7 * ptq_kl, (ptq_kl, qat_kl)  # measured: 0.38, 0.34 and 0.50 of PTQ's
 
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gemmakit import quant
@@ -342,16 +343,61 @@ def test_block_formats_are_llama_cpps_reference_quantization(mode):
     assert torch.equal(quant.fake_quantize(w, mode), torch.from_numpy(ref))
 
 
+class Q8_0Input(nn.Module):
+    """A float Linear whose input is first rounded to Q8_0 blocks and back: q4_0's product, in floats
+    (y = sum_b d dx (q . xq - 8 sx) = W_deq . x_rounded, exact but for the order of the fp32 sums)."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+
+    @staticmethod
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        q, d, _ = quant.quantize_q8_0_activations(x.reshape(-1, x.shape[-1]))
+        return (q.float() * d[..., None]).reshape(x.shape).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.rounded(x))
+
+
+class Q8_0Head(nn.Module):
+    """The tied embedding, its head's input rounded to Q8_0 blocks (see Q8_0Input)."""
+
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        self.weight = emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight)
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        return Q8_0Input.rounded(h) @ self.weight.T
+
+
+def float_twin(model, mode: str):
+    """The float model computing what `quantize(model, mode)` computes: weights on the format's grid
+    (fake_quantize, QAT's view) and, for q4_0, inputs of every product rounded to Q8_0 blocks."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(quant.fake_quantize(p, mode))
+    if mode == "q4_0":
+        for parent in list(model.model.layers.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Q8_0Input(child))
+        model.model.embed_tokens = Q8_0Head(model.model.embed_tokens)
+    return model
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4", "int4-channel", "q4_0", "q8_0", "fp8"])
 def test_every_format_equals_a_float_model_with_its_grid(mode):
     """A quantized model's logits equal those of the float model whose weights are fake_quantize'd (QAT's
-    view), eager prefill and every product path; bytes as weight_bytes plans them."""
-    model, ref = tiny(), tiny()
+    view; q4_0 also rounds the activations to Q8_0 blocks, as llama.cpp), eager prefill and every
+    product path; bytes as weight_bytes plans them."""
+    model, ref = tiny(), float_twin(tiny(), mode)
     quantize(model, mode)
     with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if p.ndim == 2:
-                p.copy_(quant.fake_quantize(p, mode))
         tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(model(tokens), ref(tokens), rtol=1e-5, atol=1e-5)
     stored = sum(t.nbytes for t in model.state_dict().values())
@@ -362,7 +408,7 @@ def test_every_format_equals_a_float_model_with_its_grid(mode):
 def test_new_formats_compile_and_equal_eager_decoding():
     from gemmakit.engine import generate
 
-    for mode in ("q8_0", "fp8"):  # q4_0 has int4's layout: its compiled path is test_engine's
+    for mode in ("q8_0", "fp8", "q4_0"):
         model = quantize(tiny(), mode)
         eager = list(generate(model, [[2, 5, 7], [2, 9]], 6))
         assert list(generate(model, [[2, 5, 7], [2, 9]], 6, compile=True)) == eager, mode
@@ -408,19 +454,19 @@ def test_int4_storage_is_torch_kernels_layout(rows):
     assert torch.equal(m.dequantize(5, rows - 3), m.dequantize()[5:rows - 3])
 
 
-@pytest.mark.parametrize("mode", ["int4", "q4_0", "int4-channel"])
+@pytest.mark.parametrize("mode", ["int4", "int4-channel"])
 def test_int4_decode_products_compiled_read_the_kernel_layout(mode):
     # bf16: torch's int4 kernel inside the compiled step (rows up to DECODE_ROWS); fp32: the compiled
     # loop over the same bytes, equal to the dequantized product to fp32 rounding.
     lin = nn.Linear(320, 192, bias=False)
-    m = Int4Linear.from_linear(lin, 320 if mode == "int4-channel" else 32, q4_0=mode == "q4_0")
+    m = Int4Linear.from_linear(lin, 320 if mode == "int4-channel" else 32)
     assert m.kernel_group == 32  # int4-channel too: its one scale per row repeated per group of 32
     f = torch.compile(lambda x: m.fused(x), fullgraph=True)
     for rows in (1, 3):
         x = torch.randn(rows, 320)
         with torch.no_grad():
             torch.testing.assert_close(f(x), x @ m.dequantize().T, rtol=1e-5, atol=1e-5)
-    mb = Int4Linear.from_linear(lin.to(torch.bfloat16), 320 if mode == "int4-channel" else 32, q4_0=mode == "q4_0")
+    mb = Int4Linear.from_linear(lin.to(torch.bfloat16), 320 if mode == "int4-channel" else 32)
     x = torch.randn(2, 320).to(torch.bfloat16)
     with torch.no_grad():
         y = torch.compile(lambda x: mb.fused(x), fullgraph=True)(x)
