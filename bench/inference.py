@@ -44,8 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the gemmakit commands set it (cli.py); every variant gets it
-import torch  # noqa: E402
+import torch
 from tqdm import tqdm
 
 VARIANTS = ["gemmakit fp32", "gemmakit bf16", "gemmakit int8", "gemmakit w8a8", "gemmakit int4", "gemmakit q4_0",

@@ -15,13 +15,6 @@ from pathlib import Path
 
 from gemmakit.config import CONFIGS, Config
 
-# torch's CPU allocator backs large tensors with transparent huge pages when this is set before torch is
-# imported (it reads it once). Streaming the weights every decode step then misses the TLB far less: on
-# the 2-core test machine, the 270M's compiled step alternating in separate processes, bf16 18.5 / 20.9 /
-# 18.4 ms against 20.5 / 22.7 / 20.9 without; Q4_0 7.6 / 7.5 / 6.6 / 7.3 against 8.0 / 8.5 / 7.0 / 7.3.
-# THP_MEM_ALLOC_ENABLE=0 turns it off.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 
 class UserError(Exception):
     """An error caused by the user's input: printed as one line, no traceback."""

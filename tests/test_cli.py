@@ -562,22 +562,3 @@ def test_readme_states_the_cache_size():
     stated = re.search(r"`~/.cache/gemmakit`, about ([\d.]+) GB", _readme())
     assert stated and float(stated.group(1)) == round(gb, 1), f"the cache holds {gb:.2f} GB"
 
-
-def _huge_pages_kib(env: dict) -> int:
-    """AnonHugePages of a process that imports the command line, then torch, and fills a 64 MiB tensor."""
-    code = ("import re, gemmakit.cli, torch; t = torch.ones(64 << 20, dtype=torch.uint8); "
-            "print(re.search(r'AnonHugePages:\\s+(\\d+)', open('/proc/self/smaps_rollup').read()).group(1))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    return int(out)
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists()
-                    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
-                    reason="needs Linux with transparent huge pages")
-def test_commands_back_large_tensors_with_huge_pages():
-    """The commands set THP_MEM_ALLOC_ENABLE before torch loads (its allocator reads it once): the weights
-    they stream each step sit on 2 MiB pages. THP_MEM_ALLOC_ENABLE=0 keeps torch's default."""
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    assert _huge_pages_kib(env) >= 32 << 10
-    if "[madvise]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
-        assert _huge_pages_kib({**env, "THP_MEM_ALLOC_ENABLE": "0"}) < 32 << 10
