@@ -333,6 +333,7 @@ def test_formats_without_a_gguf_write_the_hf_directory(run_dir, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--format", "q5_k"], "unknown --format 'q5_k'; choose one of int8, int4, int4-channel, q4_0, q8_0, fp8"),
+    (["--format", "w8a8"], "--format w8a8 cannot be trained (its activations are rounded at run time)"),
     (["--format", "q4_0", "--objective", "reverse"], "unknown --objective 'reverse'"),
     (["--format", "q4_0", "--data", "MISSING"], "not a prepared data directory"),
     (["--format", "q4_0", "--objective", "sampled", "--k", "0"], "--k 0 must be in [1, 320]"),

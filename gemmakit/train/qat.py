@@ -288,6 +288,9 @@ def add_parser(sub) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.format == "w8a8":  # its activations are rounded at run time, which training does not model
+        raise ValueError(f"--format w8a8 cannot be trained (its activations are rounded at run time); train "
+                         f"int8, whose weights w8a8 uses: one of {', '.join(FORMATS)}")
     if args.format not in FORMATS:
         raise ValueError(f"unknown --format {args.format!r}; choose one of {', '.join(FORMATS)}")
     if args.objective not in OBJECTIVES:
