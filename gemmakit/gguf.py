@@ -303,8 +303,8 @@ def native_blocks(reader: GGUFReader) -> bool:
 
 def _block_module(t: ReaderTensor, dtype: torch.dtype) -> nn.Module:
     """quant.Q4_0Linear (Q4_0) or quant.BlockInt8Linear (Q8_0) holding the tensor's blocks: the quantized
-    values copied once out of the memory map into the module's buffer (Q8_0's fp16 scales cast to `dtype`; Q4_0 keeps them).
-    No float matrix is made. A non-finite scale (a damaged block) is an error naming the tensor."""
+    values copied once out of the memory map into the module's buffer (Q8_0's fp16 scales cast to `dtype`;
+    Q4_0 keeps them in fp16). No float matrix is made. A non-finite scale (a damaged block) is an error naming the tensor."""
     rows, cols = _shape(t)
     raw = t.data.view(np.ndarray).reshape(rows, cols // 32, _BLOCK_BYTES[t.tensor_type])
     d = np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0]  # little-endian, as ggml writes them
@@ -378,8 +378,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, prog
     native, and the file's matrices Q4_0/Q8_0 (`native_blocks`): each Q4_0 matrix becomes a
     quant.Q4_0Linear (q4_0) and each Q8_0 one a quant.BlockInt8Linear holding the file's blocks (the
     embedding a quant.QuantEmbedding around one), the model `quant.quantize(model, "q4_0" / "q8_0")`
-    would give, without any float copy of those matrices; their scales are in `dtype` (in fp32 the
-    weights equal the gguf package's dequantization exactly). Other tensors (norms, float matrices)
+    would give, without any float copy of those matrices; Q8_0's scales are in `dtype`, Q4_0's stay fp16
+    (in fp32 the weights equal the gguf package's dequantization exactly). Other tensors (norms, float matrices)
     are dequantized to `dtype`. Otherwise (K-quants, or native=False for training, merging,
     exporting) every tensor is dequantized, as load_gguf.
     Errors (ValueError, naming the tensor): a missing, unexpected, misshapen or corrupt tensor.

@@ -2,8 +2,8 @@
 
 `quantize(model, mode)` replaces every `nn.Linear` in the decoder blocks and the tied embedding / LM head
 with modules that keep integer weights plus scales and dequantize on the fly. Activations stay in the
-model's dtype (weight-only), except in w8a8 (see W8A8Linear). Each weight-only module's `forward` has two
-paths:
+model's dtype (weight-only), except in w8a8 (see W8A8Linear) and q4_0 (see Q4_0Linear). Each other
+module's `forward` has two paths:
 
 - few rows (decode): a multiply-sum per input row with the dequantization inside it. Under
   torch.compile the rows' reductions become one fused loop that reads the integer weights once, so
@@ -21,15 +21,16 @@ int4:         asymmetric per group of `group` (32) inputs, w = q * scale + low, 
 int4-channel: the same, one group per output channel (the Gemma 3 report's "per-channel int4").
 q4_0:         llama.cpp's Q4_0: blocks of 32, symmetric, d = max / -8 (max: the value of largest
               magnitude, sign kept) rounded to fp16, q = trunc(w / d + 8.5) in [0, 15], w = d * (q - 8);
-              nibbles laid out as GGUF's (element i low, i + 16 high): an int4 module with low = -8 d.
+              multiplied as llama.cpp multiplies it, with activations rounded to Q8_0 blocks (Q4_0Linear,
+              gemmakit's kernel kernels/q4_0.cpp).
 q8_0:         llama.cpp's Q8_0: blocks of 32, d = amax / 127 rounded to fp16, q = round(w / d).
 fp8:          float8 e4m3 with one fp32 scale per output channel, amax / 448 (the report's "switched fp8").
 w8a8:         int8's weights, and activations rounded to int8 per token as they arrive (dynamic, symmetric,
               amax / 127): integer products summed exactly (W8A8Linear), as llama.cpp multiplies its blocks
               with int8-quantized activations. The one format that is not weight-only.
 The q4_0/q8_0 grids equal the `gguf` package's reference quantizer (the one llama.cpp's tools use);
-their scales are kept in the compute dtype, so in fp32 the weights are GGUF's exactly and in bf16 the
-fp16 scales are rounded to bf16. `fake_quantize` gives any format's quantize-then-dequantize (QAT).
+q4_0 keeps its fp16 scales; q8_0's are kept in the compute dtype, so in fp32 its weights are GGUF's exactly
+and in bf16 its fp16 scales are rounded to bf16. `fake_quantize` gives any format's quantize-then-dequantize (QAT).
 """
 
 from __future__ import annotations
@@ -290,8 +291,8 @@ def quantize_int4(w: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def quantize_q4_0(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """llama.cpp's Q4_0 (ggml's quantize_row_q4_0_ref, in fp32) as (packed, scale, low) for Int4Linear
-    with group 32: scale = d (fp16-rounded, as stored in a GGUF block), low = -8 d."""
+    """llama.cpp's Q4_0 (ggml's quantize_row_q4_0_ref, in fp32) as (packed, scale, low), GGUF's block order
+    (packed [out, in/32, 16]): scale = d (fp16-rounded, as stored in a GGUF block), low = -8 d."""
     out, inp = w.shape
     if inp % 32:
         raise ValueError(f"q4_0 needs the input width ({inp}) to be a multiple of 32")
@@ -349,7 +350,7 @@ def _group_bytes(q: Tensor, group: int) -> Tensor:
 
 
 class Int4Linear(nn.Module):
-    """4-bit weights in groups of `group` inputs, w = q * scale + low (q in 0..15; Q4_0: low = -8 scale).
+    """4-bit weights in groups of `group` inputs, w = q * scale + low (q in 0..15): int4 and int4-channel.
 
     One layout serves every path: the 4-bit values live in `packed`, the layout of torch's int4 CPU
     kernel (see KERNEL_ROWS), which the decode step reads directly, compiled or not, with bf16
@@ -507,6 +508,16 @@ KERNEL_SOURCE = Path(__file__).parent / "kernels" / "q4_0.cpp"
 Q4_0_TILE = 16  # rows per tile of the Q4_0 kernel's layout
 
 
+def build_q4_0_kernel(name: str, directory: Path, flags: list[str]) -> None:
+    """Compile kernels/q4_0.cpp into `directory` as library `name` and load it (torch.utils.cpp_extension),
+    with the compiler `flags` (the CPU's: -march=...; another op namespace: -DGK_NAMESPACE=...)."""
+    from torch.utils.cpp_extension import load
+
+    # -fopenmp: ATen's parallel_for is inline OpenMP; the library then shares torch's libgomp.
+    load(name=name, sources=[str(KERNEL_SOURCE)], build_directory=str(directory),
+         extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], is_python_module=False)
+
+
 @functools.cache
 def q4_0_kernel() -> bool:
     """Load gemmakit's Q4_0 kernel (kernels/q4_0.cpp, the op torch.ops.gemmakit.q4_0_linear): True once
@@ -520,7 +531,7 @@ def q4_0_kernel() -> bool:
     import sys
     import tempfile
 
-    from gemmakit.compiled import _cpu
+    from gemmakit.compiled import _cpu, _first_line
     from gemmakit.hub import home
 
     source = KERNEL_SOURCE.read_bytes()
@@ -539,15 +550,11 @@ def q4_0_kernel() -> bool:
     if not library.exists():
         tmp = None
         try:
-            from torch.utils.cpp_extension import load
-
             print("building gemmakit's Q4_0 kernel for this CPU, once: ~10 s", file=sys.stderr, flush=True)
             build.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=build.parent))  # renamed when complete
             native = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
-            # -fopenmp: ATen's parallel_for is inline OpenMP; the library then shares torch's libgomp.
-            load(name="gemmakit_q4_0", sources=[str(KERNEL_SOURCE)], build_directory=str(tmp),
-                 extra_cflags=["-O3", "-fopenmp", *native], extra_ldflags=["-fopenmp"], is_python_module=False)
+            build_q4_0_kernel("gemmakit_q4_0", tmp, native)
             (tmp / checksum.name).write_text(hashlib.sha256((tmp / library.name).read_bytes()).hexdigest())
             try:
                 tmp.rename(build)
@@ -561,11 +568,6 @@ def q4_0_kernel() -> bool:
             return False
     torch.library.register_fake("gemmakit::q4_0_linear")(_q4_0_linear_shape)
     return True
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _q4_0_linear_shape(x: Tensor, packed: Tensor, scales: Tensor, out_features: int) -> Tensor:
@@ -678,9 +680,14 @@ class Q4_0Linear(nn.Module):
             raise ValueError(f"Q4_0 blocks must be uint8 [out, in/32, 16] with scales [out, in/32], got "
                              f"{qs.dtype} {list(qs.shape)} and {list(d.shape)}")
         m = cls(blocks * 32, out, dtype)
-        for start, end in _row_blocks(out, blocks * 32, Q4_0_TILE):
-            m._set(_group_values(qs[start:end], 32), d[start:end], start)
+        m._set_blocks(qs, d)
         return m
+
+    def _set_blocks(self, qs: Tensor, d: Tensor) -> None:
+        """Every row from GGUF's Q4_0 blocks qs [out, in/32, 16] and scales d [out, in/32], a block of rows
+        at a time."""
+        for start, end in _row_blocks(self.out_features, self.in_features, Q4_0_TILE):
+            self._set(_group_values(qs[start:end], 32), d[start:end], start)
 
     def _scales(self) -> Tensor:
         """d [out, in/32] float16."""
@@ -717,8 +724,7 @@ class Q4_0Linear(nn.Module):
                               f"the shape in current model is {want[:2]}")
         elif q is not None and d is not None:
             with torch.no_grad():
-                for start, end in _row_blocks(self.out_features, self.in_features, Q4_0_TILE):
-                    self._set(_group_values(q[start:end], 32), d[start:end], start)
+                self._set_blocks(q, d)
 
     def _values(self, start: int, end: int) -> Tensor:
         """4-bit values of rows start:end [end - start, in] (uint8)."""
@@ -749,14 +755,10 @@ class Q4_0Linear(nn.Module):
             return _blocked(x, self.out_features, self.dequantize, Q4_0_TILE)
         if x.device.type == "cpu" and self.kernel:
             return torch.ops.gemmakit.q4_0_linear(x, self.packed, self.d.view(torch.float16), self.out_features)
-        y = _blocked_rows(self.out_features, lambda s, e: q4_0_reference(
-            x.reshape(-1, self.in_features), self._values(s, e), self._scales()[s:e]), Q4_0_TILE, self.in_features)
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.cat([q4_0_reference(x2, self._values(s, e), self._scales()[s:e])
+                       for s, e in _row_blocks(self.out_features, self.in_features, Q4_0_TILE)], dim=-1)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-
-def _blocked_rows(out_features: int, product: Callable[[int, int], Tensor], multiple: int, in_features: int) -> Tensor:
-    """torch.cat of product(start, end) [m, end - start] over blocks of output rows (_row_blocks)."""
-    return torch.cat([product(s, e) for s, e in _row_blocks(out_features, in_features, multiple)], dim=-1)
 
 
 # -- q8_0 and fp8 ------------------------------------------------------------------------------------

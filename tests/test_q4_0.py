@@ -7,7 +7,6 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -131,29 +130,20 @@ def test_q4_0_model_decodes_compiled_as_eager_and_batched_as_alone(tmp_path, mon
         assert [t[0] for t in generate(model, [p], 6, compile=True)] == [t[i] for t in eager]
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        return set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return set()
-
-
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the builds compared are x86's")
 def test_every_build_of_the_kernel_gives_the_same_bits(tmp_path):
     """The kernel built for AVX2 (no VNNI) and as plain C++ gives this machine's build's bits."""
-    from torch.utils.cpp_extension import load
+    from gemmakit.compiled import _cpu
 
     builds = [("gemmakit_cxx", "x86-64")]
-    if {"avx2", "fma", "f16c"} <= _cpu_flags():
+    if {"avx2", "fma", "f16c"} <= set(_cpu().split()):
         builds.append(("gemmakit_avx2", "x86-64-v3"))
     m, x = module(), inputs(11)
     with torch.no_grad():
         want = m(x)
     for namespace, arch in builds:
         (tmp_path / namespace).mkdir()
-        load(name=namespace, sources=[str(quant.KERNEL_SOURCE)], build_directory=str(tmp_path / namespace),
-             extra_cflags=["-O3", "-fopenmp", f"-march={arch}", f"-DGK_NAMESPACE={namespace}"],
-             extra_ldflags=["-fopenmp"], is_python_module=False)
+        quant.build_q4_0_kernel(namespace, tmp_path / namespace, [f"-march={arch}", f"-DGK_NAMESPACE={namespace}"])
         op = getattr(torch.ops, namespace)
         assert op.q4_0_isa() == ("c++" if arch == "x86-64" else "avx2")
         assert torch.equal(op.q4_0_linear(x, m.packed, m.d.view(torch.float16), m.out_features), want), namespace

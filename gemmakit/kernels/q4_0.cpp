@@ -86,9 +86,6 @@ void tile_rows(const uint8_t* w, const c10::Half* s, int64_t nb, const int8_t* x
   const __m512i low = _mm512_set1_epi8(15);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w + b * kBlockBytes;
-#ifdef GK_PREFETCH
-    for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(wb + GK_PREFETCH + 64 * l), _MM_HINT_T0);
-#endif
     __m512i v[8];
     for (int l = 0; l < 4; ++l) {
       const __m512i raw = _mm512_loadu_si512(wb + 64 * l);
