@@ -228,8 +228,11 @@ def test_sft_with_teacher_and_lora_two_ranks_equals_one_process(tmp_path):
     for name in ("model/model.safetensors", "adapter/adapter_model.safetensors"):  # LoRA merged, and alone
         a, b = load_file(tmp_path / "s1" / name), load_file(tmp_path / "s2" / name)
         for k in a:
-            # The losses agree to 1e-5, the weights after 4 steps at lr 1e-2 up to summation order.
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
+            # The losses agree to 1e-5 (they test the steps); the saved weights up to summation order: Adam scales
+            # each update to about lr, so where a gradient is near 0 summation order moves a weight by a
+            # fraction of the step (1.2e-4 seen under load). A tenth of one step (1e-3) still catches a wrong,
+            # unmerged or rank-local save, each off by whole steps.
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-3)
 
 
 def test_qat_two_ranks_equals_one_process(tiny, capsys):
