@@ -47,7 +47,8 @@ from gemmakit.cache import KVCache
 from gemmakit.model import Gemma
 
 # The modules whose code runs inside the decode step: a change to any of them is a different program.
-_SOURCES = ("cache.py", "config.py", "model.py", "quant.py", "compiled.py", "kernels/q4_0.cpp")
+_SOURCES = ("cache.py", "config.py", "model.py", "quant.py", "compiled.py", "kernels/__init__.py",
+            "kernels/q4_0.cpp", "kernels/bf16.cpp")
 _PACKAGE, _META = "step.pt2", "meta.json"
 
 # Packages loaded in this process, by key.

@@ -1,12 +1,7 @@
 """q4_0 as llama.cpp computes it: Q4_0 weights times activations rounded to Q8_0 blocks, with exact integer
 dot products (gemmakit's kernel, gemmakit/kernels/q4_0.cpp), against the definition in float64, across
-batches, paths (eager, torch.compile, the AOTInductor package) and builds of the kernel (AVX-512 VNNI, AVX2,
-plain C++)."""
-
-import os
-import platform
-import subprocess
-import sys
+batches and paths (eager, torch.compile, the AOTInductor package); its builds (AVX-512 VNNI, AVX2, plain C++)
+in test_kernels.py."""
 
 import pytest
 import torch
@@ -128,41 +123,3 @@ def test_q4_0_model_decodes_compiled_as_eager_and_batched_as_alone(tmp_path, mon
     assert list(generate(model, prompts, 6, compile=True)) == eager
     for i, p in enumerate(prompts):
         assert [t[0] for t in generate(model, [p], 6, compile=True)] == [t[i] for t in eager]
-
-
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="the builds compared are x86's")
-def test_every_build_of_the_kernel_gives_the_same_bits(tmp_path):
-    """The kernel built for AVX2 (no VNNI) and as plain C++ gives this machine's build's bits."""
-    from gemmakit.compiled import _cpu
-
-    builds = [("gemmakit_cxx", "x86-64")]
-    if {"avx2", "fma", "f16c"} <= set(_cpu().split()):
-        builds.append(("gemmakit_avx2", "x86-64-v3"))
-    m, x = module(), inputs(11)
-    with torch.no_grad():
-        want = m(x)
-    for namespace, arch in builds:
-        (tmp_path / namespace).mkdir()
-        quant.build_q4_0_kernel(namespace, tmp_path / namespace, [f"-march={arch}", f"-DGK_NAMESPACE={namespace}"])
-        op = getattr(torch.ops, namespace)
-        assert op.q4_0_isa() == ("c++" if arch == "x86-64" else "avx2")
-        assert torch.equal(op.q4_0_linear(x, m.packed, m.d.view(torch.float16), m.out_features), want), namespace
-
-
-def test_kernel_is_built_once_per_machine_and_rebuilt_when_damaged(tmp_path):
-    env = {**os.environ, "GEMMAKIT_HOME": str(tmp_path)}
-    code = "from gemmakit import quant; print(quant.q4_0_kernel())"
-
-    def run() -> tuple[str, str]:
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-        return r.stdout.strip(), "\n".join(ln for ln in r.stderr.splitlines() if "Warning" not in ln)
-
-    out, err = run()
-    assert out == "True" and "building gemmakit's Q4_0 kernel for this CPU, once" in err
-    out, err = run()
-    assert out == "True" and err == ""  # built: loaded, nothing said
-    (library,) = tmp_path.glob("kernels/*/gemmakit_q4_0.so")
-    library.write_bytes(library.read_bytes()[:1000])  # a truncated file
-    out, err = run()
-    assert out == "True" and "is damaged (checksum mismatch); rebuilding it" in err
-    assert len(list(tmp_path.glob("kernels/*"))) == 1  # no temporary build left beside it

@@ -1,5 +1,5 @@
 // Q4_0 weights times Q8_0 activations: what llama.cpp computes for a Q4_0 matrix (ggml's
-// quantize_row_q8_0 and vec_dot_q4_0_q8_0), built by gemmakit.quant.q4_0_kernel for the machine it runs on.
+// quantize_row_q8_0 and vec_dot_q4_0_q8_0), built by gemmakit.kernels.load for the machine it runs on.
 //
 // y[m, n] = sum over blocks b of 32 inputs:  d[n, b] * dx[m, b] * (sum_i q[n, 32b + i] * xq[m, 32b + i] - 8 * sx[m, b])
 //
