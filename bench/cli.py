@@ -77,9 +77,51 @@ def llama_binary(root: Path) -> Path:
 
 # -- building llama.cpp ------------------------------------------------------------------------------
 
+# Loads a tile configuration and zeroes one tile, after asking Linux for the AMX state (arch_prctl).
+AMX_PROBE = r"""
+#include <immintrin.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+  unsigned char config[64];
+  if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */)) return 2;
+  memset(config, 0, sizeof config);
+  config[0] = 1;    /* palette 1 */
+  config[16] = 64;  /* tile 0: 64 bytes per row */
+  config[48] = 16;  /* tile 0: 16 rows */
+  _tile_loadconfig(config);
+  _tile_zero(0);
+  _tile_release();
+  return 0;
+}
+"""
+
+
+def amx_faults() -> bool:
+    """Does this CPU advertise AMX but fault on it? Seen in a virtual machine: /proc/cpuinfo lists amx_tile,
+    Linux grants the AMX state, and the first tile instruction raises SIGILL, so llama.cpp's native build
+    (whose AMX path needs -march=native to see amx) crashes on its first matrix product."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    if "amx_tile" not in flags or shutil.which("cc") is None:
+        return False
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "amx.c", Path(tmp) / "amx"
+        src.write_text(AMX_PROBE)
+        if subprocess.run(["cc", "-O1", "-mamx-tile", str(src), "-o", str(exe)], capture_output=True).returncode:
+            return False  # a compiler without AMX: llama.cpp's build will not use it either
+        return subprocess.run([str(exe)], capture_output=True).returncode != 0
+
+
 def build_llama_cpp(root: Path, sdist_version: str = LLAMA_CPP_PYTHON) -> Path:
     """Download the llama-cpp-python sdist (it vendors llama.cpp's source) from PyPI with pip, and build
-    `llama-completion` and `llama-simple` for this CPU (Release, GGML_NATIVE, no curl/openssl) into
+    `llama-completion` and `llama-simple` for this CPU (Release, GGML_NATIVE but no AMX where it faults,
+    no curl/openssl) into
     root/build/bin. Prints cmake's progress. Returns the llama-completion binary; raises
     subprocess.CalledProcessError when a step fails, OSError when cmake is missing."""
     for tool in ("cmake", "c++"):
@@ -95,10 +137,16 @@ def build_llama_cpp(root: Path, sdist_version: str = LLAMA_CPP_PYTHON) -> Path:
         with tarfile.open(root / f"llama_cpp_python-{sdist_version}.tar.gz") as tar:
             tar.extractall(root, filter="data")
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    # Native, except AMX where it faults (amx_faults); the cache keeps the flags of a previous configure,
+    # so they are always given.
+    no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if amx_faults() else ""
+    if no_amx:
+        print("llama.cpp: this CPU lists AMX but faults on it: building without AMX", flush=True)
+    flags = [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
     print(f"llama.cpp: building llama-completion in {root / 'build'} (about 10 minutes on 2 cores) ...", flush=True)
     subprocess.run(["cmake", "-S", str(src), "-B", str(root / "build"), *generator, "-DCMAKE_BUILD_TYPE=Release",
                     "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF"], check=True)
+                    "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", *flags], check=True)
     jobs = str(os.cpu_count() or 2)
     subprocess.run(["cmake", "--build", str(root / "build"), "--target", "llama-completion", "llama-simple",
                     "-j", jobs], check=True)

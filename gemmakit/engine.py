@@ -138,7 +138,7 @@ def decode_fn(model: Gemma, compile: bool, cache: list) -> Callable[[Tensor, Ten
     or compiled (gemmakit.compiled: a package built once per machine, then loaded; eager if it cannot
     be built). Compiling swaps in the fused decode products first (quant.fuse_decode, in place)."""
     if compile:
-        fuse_decode(model)  # the compiled step needs the fused matrix-vector products (a no-op when quantized)
+        fuse_decode(model)  # the compiled step needs the fused matrix-vector products (a no-op the second time)
         example = torch.zeros(cache[0].k.shape[0], 1, dtype=torch.long, device=cache[0].k.device)
         step = compiled_step(model, cache, example, example)
         if step is not None:

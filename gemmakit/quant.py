@@ -226,7 +226,8 @@ class Int8Linear(nn.Module):
                     part.copy_(part.view(-1, tile, self.in_features).transpose(1, 2).reshape(-1))
                 else:  # tiles -> rows
                     part.copy_(part.view(-1, self.in_features, self.tile).transpose(1, 2).reshape(-1))
-        self.weight = flat.view(self.out_features, self.in_features) if tile == 1 else \
+        # .data: the same buffer object (relocate's mark stays with it), only its shape changes
+        self.weight.data = flat.view(self.out_features, self.in_features) if tile == 1 else \
             flat.view(self.out_features // tile, self.in_features, tile)
         self.tile = tile
 
@@ -1067,13 +1068,16 @@ def relocate(model: nn.Module, placed: Sequence[Tensor] = ()) -> None:
 
     It also ends views into a memory-mapped checkpoint: as long as one is alive the whole mapping stays,
     and every page that quantizing or packing read stays resident (a tiled fp32 head, when tried, kept
-    its old 640 MiB table besides the tiled one). `placed`: tensors to leave where they are."""
+    its old 640 MiB table besides the tiled one). `placed`: tensors to leave where they are; tensors moved
+    by an earlier call stay too (a model decoded again, or quantized and then compiled, is not copied again)."""
     seen = {id(t) for t in placed}
+    for t in placed:
+        t._gemmakit_moved = True
 
     def tensors(module: nn.Module) -> list[Tensor]:
         out = []
         for t in [*module.parameters(), *module.buffers()]:
-            if id(t) not in seen and t.device.type == "cpu" and t.numel():
+            if id(t) not in seen and t.device.type == "cpu" and t.numel() and not getattr(t, "_gemmakit_moved", False):
                 seen.add(id(t))
                 out.append(t)
         return out
@@ -1095,6 +1099,7 @@ def _move(tensors: list[Tensor]) -> None:
         view = block[offset:offset + t.nbytes].view(t.dtype).view(t.shape)
         view.copy_(t.data)
         t.data = view
+        t._gemmakit_moved = True
         offset += size
 
 

@@ -189,3 +189,20 @@ def test_big_blocks_are_advised_as_huge_pages():
     assert eligible == "1"
     small = quant._block(1000)  # below one huge page: ordinary memory
     assert small.numel() == 1000
+
+
+def test_weights_are_moved_once():
+    """fuse_decode again (each compiled generate calls it), or after quantize: nothing is copied again."""
+    from test_quant import tiny
+
+    model = quant.quantize(tiny().to(torch.bfloat16), "int8")
+    where = {n: t.data_ptr() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    quant.fuse_decode(model)
+    quant.fuse_decode(model)
+    moved = {n: t.data_ptr() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert moved == where  # the int8 head retiled in place, nothing copied
+    model = tiny().to(torch.bfloat16)
+    quant.fuse_decode(model)
+    where = {n: t.data_ptr() for n, t in model.named_parameters()}
+    quant.fuse_decode(model)
+    assert {n: t.data_ptr() for n, t in model.named_parameters()} == where
