@@ -48,7 +48,7 @@ from gemmakit.model import Gemma
 
 # The modules whose code runs inside the decode step: a change to any of them is a different program.
 _SOURCES = ("cache.py", "config.py", "model.py", "quant.py", "compiled.py", "kernels/__init__.py",
-            "kernels/q4_0.cpp", "kernels/bf16.cpp")
+            "kernels/q4_0.cpp", "kernels/bf16.cpp", "kernels/int8.cpp")
 _PACKAGE, _META = "step.pt2", "meta.json"
 
 # Packages loaded in this process, by key.

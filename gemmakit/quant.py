@@ -196,6 +196,8 @@ class Int8Linear(nn.Module):
         self.tile = 1
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=self.QDTYPE))
         self.register_buffer("scale", torch.ones(out_features, dtype=dtype))
+        # int8 on an AVX-512 CPU: gemmakit's kernel (kernels/int8.cpp) in the compiled step.
+        self.kernel = self.QDTYPE == torch.int8 and kernels.int8()
 
     @staticmethod
     def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,6 +249,9 @@ class Int8Linear(nn.Module):
         return q.to(self.scale.dtype) * self.scale[tokens][..., None]
 
     def fused(self, x: Tensor) -> Tensor:
+        if self.kernel and self.tile in (1, TILE) and not x.requires_grad:
+            op = torch.ops.gemmakit.int8_linear if self.tile == 1 else torch.ops.gemmakit.int8_tiles
+            return op(x, self.weight, self.scale)
         # Sum in fp32 whatever the activation dtype; the per-row scale applies once to the sum.
         w, scale = self.weight.float(), self.scale.float()
         if self.tile > 1:

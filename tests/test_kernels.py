@@ -1,4 +1,4 @@
-"""gemmakit's C++ kernels (gemmakit/kernels): the bf16 decode products against float64, row bits alone and
+"""gemmakit's C++ kernels (gemmakit/kernels): the bf16 and int8 decode products against float64, row bits alone and
 in a batch, the compiled decode step calling them; every build (AVX-512, AVX2, plain C++); one build per
 machine, rebuilt when damaged. The Q4_0 kernel's arithmetic is tested in test_q4_0.py."""
 
@@ -66,6 +66,28 @@ def test_bf16_tiles_is_the_product_of_the_packed_table(k, tiles, dtype):
             assert torch.equal(torch.ops.gemmakit.bf16_tiles(x[r:r + 1], packed)[0], y[r])
 
 
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernels_are_the_product_of_the_dequantized_weights(k, n, dtype):
+    """int8_linear (rows) and int8_tiles (the retiled head) against float64 on q * scale, row bits alone and
+    in a batch; Int8Linear.fused calls them."""
+    g = torch.Generator().manual_seed(n)
+    m = quant.Int8Linear.from_linear(nn.Linear(k, n, bias=False).to(dtype))
+    tiled = quant.Int8Linear.from_linear(nn.Linear(k, 64, bias=False).to(dtype))
+    tiled.retile(32)
+    for layer, op in ((m, torch.ops.gemmakit.int8_linear), (tiled, torch.ops.gemmakit.int8_tiles)):
+        w = layer.dequantize()
+        for rows in (1, 3, 4, 5):
+            x = torch.randn(rows, k, generator=g).to(dtype)
+            y = op(x, layer.weight, layer.scale)
+            assert y.dtype == dtype
+            close_to_float64(y, x, w)
+            for r in range(rows):
+                assert torch.equal(op(x[r:r + 1], layer.weight, layer.scale)[0], y[r])
+            if AVX512:
+                assert torch.equal(layer.fused(x), y)
+
+
 def test_bf16_kernels_name_bad_input():
     w = weights(8, 64)
     with pytest.raises(RuntimeError, match="input width 32 != the weights' 64"):
@@ -79,7 +101,7 @@ def test_bf16_kernels_name_bad_input():
 @pytest.mark.skipif(not AVX512, reason="the bf16 kernels run in the decode step only where built with AVX-512")
 def test_the_compiled_decode_step_runs_the_bf16_kernels():
     """A bf16 model's fused layers and tiled head call the kernels under torch.compile (the very bits of
-    the op, which inductor's own loop would not give), and only there: eagerly, BLAS."""
+    the op, which inductor's own loop would not give), and only there: eagerly, BLAS. So does an int8 one."""
     torch.manual_seed(0)
     layer = quant.DenseLinear(nn.Linear(640, 256, bias=False).to(torch.bfloat16).requires_grad_(False))
     head = quant.PackedEmbedding(weights(64 * 32, 640))
@@ -91,6 +113,10 @@ def test_the_compiled_decode_step_runs_the_bf16_kernels():
             compiled = torch.compile(f, dynamic=False, fullgraph=True)(x)
             assert torch.equal(compiled, op(x, w))
             close_to_float64(f(x), x, w if w.dim() == 2 else head.unpacked())
+    int8 = quant.Int8Linear.from_linear(nn.Linear(640, 256, bias=False).to(torch.bfloat16))
+    with torch.no_grad():
+        compiled = torch.compile(int8, dynamic=False, fullgraph=True)(x)
+    assert torch.equal(compiled, torch.ops.gemmakit.int8_linear(x, int8.weight, int8.scale))
     fp32 = quant.DenseLinear(nn.Linear(64, 32, bias=False))
     assert not fp32.kernel and not quant.PackedEmbedding(torch.randn(64, 16)).kernel
 
@@ -118,6 +144,9 @@ def test_every_build_of_the_kernels(tmp_path):
         tiles = weights(64, 33)
         xt = acts(2, 33, torch.float32)
         close_to_float64(op.bf16_tiles(xt, quant.pack_rows(tiles, 32)), xt, tiles)
+        assert op.int8_isa() == "c++"
+        i8 = quant.Int8Linear.from_linear(nn.Linear(100, 37, bias=False))
+        close_to_float64(op.int8_linear(xb, i8.weight, i8.scale), xb, i8.dequantize())
 
 
 def test_kernels_are_built_once_per_machine_and_rebuilt_when_damaged(tmp_path):

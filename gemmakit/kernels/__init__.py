@@ -5,6 +5,8 @@
 - `bf16.cpp`: torch.ops.gemmakit.bf16_linear and bf16_tiles, bf16 weights times a few rows summed in
   fp32: the compiled decode step's products for a bf16 model (gemmakit.quant.DenseLinear and
   PackedEmbedding), with AVX-512 only.
+- `int8.cpp`: torch.ops.gemmakit.int8_linear and int8_tiles, the same for int8 weights with one scale per
+  row (gemmakit.quant.Int8Linear), with AVX-512 only.
 
 The library is built with -march=native into `<cache>/kernels/<key>/` (the key digests the sources,
 torch's version and the CPU) with a one-line notice; later processes load it in milliseconds. A
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCES = tuple(Path(__file__).parent / name for name in ("q4_0.cpp", "bf16.cpp"))
+SOURCES = tuple(Path(__file__).parent / name for name in ("q4_0.cpp", "bf16.cpp", "int8.cpp"))
 LIBRARY = "gemmakit_kernels"
 
 
@@ -63,7 +65,7 @@ def load() -> bool:
     if not library.exists():
         tmp = None
         try:
-            print("building gemmakit's kernels for this CPU, once: ~20 s", file=sys.stderr, flush=True)
+            print("building gemmakit's kernels for this CPU, once: ~30 s", file=sys.stderr, flush=True)
             build_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=build_dir.parent))  # renamed when complete
             native = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
@@ -83,6 +85,8 @@ def load() -> bool:
     torch.library.register_fake("gemmakit::q4_0_linear")(_q4_0_linear_shape)
     torch.library.register_fake("gemmakit::bf16_linear")(_bf16_linear_shape)
     torch.library.register_fake("gemmakit::bf16_tiles")(_bf16_tiles_shape)
+    torch.library.register_fake("gemmakit::int8_linear")(_int8_linear_shape)
+    torch.library.register_fake("gemmakit::int8_tiles")(_int8_tiles_shape)
     return True
 
 
@@ -91,6 +95,12 @@ def bf16() -> bool:
     """Use bf16_linear / bf16_tiles in the compiled decode step? Only where they were built with AVX-512
     (elsewhere inductor's loop is kept: the plain C++ build is for tests)."""
     return load() and torch.ops.gemmakit.bf16_isa() == "avx512"
+
+
+@functools.cache
+def int8() -> bool:
+    """Use int8_linear / int8_tiles in the compiled decode step? As bf16()."""
+    return load() and torch.ops.gemmakit.int8_isa() == "avx512"
 
 
 def _q4_0_linear_shape(x: Tensor, packed: Tensor, scales: Tensor, out_features: int) -> Tensor:
@@ -102,4 +112,12 @@ def _bf16_linear_shape(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def _bf16_tiles_shape(x: Tensor, tiles: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], tiles.shape[0] * tiles.shape[2])
+
+
+def _int8_linear_shape(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _int8_tiles_shape(x: Tensor, tiles: Tensor, scale: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], tiles.shape[0] * tiles.shape[2])
