@@ -259,8 +259,8 @@ def test_qat_two_ranks_equals_one_process(tiny, capsys):
     assert a.keys() == b.keys()
     for k in a:
         # Adam's first step is about lr * sign(gradient): where a gradient is near 0, summation order moves the
-        # update by up to ~1e-5 (a hundredth of the step's 1e-2; one weight of 6,144 in a run).
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
+        # update (~1e-5 in one run, 5e-4 for one weight of 2,048 in another): compared to a tenth of the 1e-2 step.
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-3)
     before = load_gguf(tiny / "tiny.gguf", progress=False)[1]
     assert any(not torch.equal(a[k], before[k]) for k in a if k in before)  # the step moved the weights
 
