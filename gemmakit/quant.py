@@ -898,9 +898,8 @@ class PackedEmbedding(nn.Module):
         self.tile = math.gcd(self.num_embeddings, tile)  # 32 for every Gemma vocabulary
         # Packed straight into fresh memory (huge pages where the OS gives them: see relocate), one copy.
         packed = _block(table.nbytes).view(table.dtype) if table.device.type == "cpu" else torch.empty_like(table)
-        packed = packed.view(self.num_embeddings // self.tile, self.embedding_dim, self.tile)
-        with torch.no_grad():
-            packed.copy_(table.detach().view(-1, self.tile, self.embedding_dim).transpose(1, 2))
+        packed = pack_rows(table.detach(), self.tile,
+                           out=packed.view(self.num_embeddings // self.tile, self.embedding_dim, self.tile))
         self.weight = nn.Parameter(packed, requires_grad=table.requires_grad)
         # bf16 tiles of 32 on an AVX-512 CPU: gemmakit's kernel (kernels/bf16.cpp) in the compiled step.
         self.kernel = table.dtype == torch.bfloat16 and self.tile == TILE and kernels.bf16()
@@ -945,9 +944,10 @@ class PackedEmbedding(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-def pack_rows(table: Tensor, tile: int) -> Tensor:
-    """[rows, cols] -> [rows / tile, cols, tile]: element j of row t*tile + k at [t, j, k]."""
-    return table.view(-1, tile, table.shape[1]).transpose(1, 2).contiguous()
+def pack_rows(table: Tensor, tile: int, out: Tensor | None = None) -> Tensor:
+    """[rows, cols] -> [rows / tile, cols, tile]: element j of row t*tile + k at [t, j, k] (into `out`)."""
+    tiles = table.view(-1, tile, table.shape[1]).transpose(1, 2)
+    return tiles.contiguous() if out is None else out.copy_(tiles)
 
 
 def unpack_rows(packed: Tensor) -> Tensor:
@@ -1075,17 +1075,13 @@ def relocate(model: nn.Module, placed: Sequence[Tensor] = ()) -> None:
     and every page that quantizing or packing read stays resident (a tiled fp32 head, when tried, kept
     its old 640 MiB table besides the tiled one). `placed`: tensors to leave where they are; tensors moved
     by an earlier call stay too (a model decoded again, or quantized and then compiled, is not copied again)."""
-    seen = {id(t) for t in placed}
     for t in placed:
         t._gemmakit_moved = True
 
     def tensors(module: nn.Module) -> list[Tensor]:
-        out = []
-        for t in [*module.parameters(), *module.buffers()]:
-            if id(t) not in seen and t.device.type == "cpu" and t.numel() and not getattr(t, "_gemmakit_moved", False):
-                seen.add(id(t))
-                out.append(t)
-        return out
+        # A layer's tensors are marked when moved, so the model's own pass skips them.
+        return [t for t in [*module.parameters(), *module.buffers()]
+                if t.device.type == "cpu" and t.numel() and not getattr(t, "_gemmakit_moved", False)]
 
     with torch.no_grad():
         for layer in model.model.layers:
