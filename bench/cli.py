@@ -4,7 +4,7 @@ llama.cpp on the same GGUF file.
 Every variant is a separate process started as a user starts it, on the embedded Gemma 3 270M (its Q4_K_M
 GGUF file, `hub.default_gguf()`), greedy, with the same prompt and the same number of threads:
 
-- gemmakit: `gemmakit generate PROMPT --json --threads T [--dtype bfloat16 | --quantize int8|w8a8|int4]`
+- gemmakit: `gemmakit generate PROMPT --json --threads T [--dtype bfloat16 | --quantize int8|w8a8|int4|q8_0|fp8]`
   (the default compiled decode; a variant named "... eager" adds `--no-compile`). `--json` prints the
   token count and finish reason, which the benchmark checks, and gemmakit's own decode rate, which the
   JSON keeps beside the wall-time one. A timed process that prints a notice (compiling, rebuilding,
@@ -54,7 +54,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
-GEMMAKIT = ["gemmakit fp32", "gemmakit bf16", "gemmakit int8", "gemmakit w8a8", "gemmakit int4", "gemmakit q4_0"]
+GEMMAKIT = ["gemmakit fp32", "gemmakit bf16", "gemmakit int8", "gemmakit w8a8", "gemmakit int4", "gemmakit q8_0",
+            "gemmakit fp8", "gemmakit q4_0"]
 VARIANTS = GEMMAKIT + ["transformers fp32", "transformers bf16", "llama.cpp q4_k_m", "llama.cpp q4_0"]
 EAGER = [f"{v} eager" for v in GEMMAKIT]  # `--no-compile`; not in the default list
 STARTUP = "gemmakit start-up"
@@ -177,8 +178,8 @@ class Run:
         if self.lib == "gemmakit":
             prompt = "Hello" if self.name == STARTUP else self.prompt
             cmd = ["gemmakit", "generate", prompt, "--max-new-tokens", str(n), "--json"]
-            cmd += {"bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"], "w8a8": ["--quantize", "w8a8"],
-                    "int4": ["--quantize", "int4"], "q4_0": ["--model", str(self.gguf)]}.get(self.kind, [])
+            quantize = ["--quantize", self.kind] if self.kind in ("int8", "w8a8", "int4", "q8_0", "fp8") else []
+            cmd += {"bf16": ["--dtype", "bfloat16"], "q4_0": ["--model", str(self.gguf)]}.get(self.kind, quantize)
             cmd += ["--threads", t] if "--threads" in self.gemmakit_flags else []
             return cmd + (["--no-compile"] if self.eager else [])
         if self.lib == "transformers":

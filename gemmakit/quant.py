@@ -7,7 +7,8 @@ module's `forward` has two paths:
 
 - few rows (decode): a multiply-sum per input row with the dequantization inside it. Under
   torch.compile the rows' reductions become one fused loop that reads the integer weights once, so
-  decoding streams the small weights rather than a dequantized copy.
+  decoding streams the small weights rather than a dequantized copy; on AVX-512 CPUs int8, fp8 and
+  q8_0 call gemmakit's kernels there instead (gemmakit/kernels/int8.cpp), as bf16 does (bf16.cpp).
 - eager (prefill, perplexity, `--no-compile` decoding): torch's own CPU kernels for quantized weights,
   `aten._weight_int8pack_mm` (int8) and `aten._weight_int4pack_mm_for_cpu` (int4, on a copy of the
   weights in torch's packed layout, made once), which read the integer weights directly. Where they
@@ -189,6 +190,7 @@ class Int8Linear(nn.Module):
     """
 
     QDTYPE = torch.int8
+    OPS = ("int8_linear", "int8_tiles")  # gemmakit's kernels for rows and for tiles of TILE rows
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -196,8 +198,8 @@ class Int8Linear(nn.Module):
         self.tile = 1
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=self.QDTYPE))
         self.register_buffer("scale", torch.ones(out_features, dtype=dtype))
-        # int8 on an AVX-512 CPU: gemmakit's kernel (kernels/int8.cpp) in the compiled step.
-        self.kernel = self.QDTYPE == torch.int8 and kernels.int8()
+        # On an AVX-512 CPU: gemmakit's kernels (kernels/int8.cpp, OPS) in the compiled step.
+        self.kernel = kernels.int8()
 
     @staticmethod
     def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -250,7 +252,7 @@ class Int8Linear(nn.Module):
 
     def fused(self, x: Tensor) -> Tensor:
         if self.kernel and self.tile in (1, TILE) and not x.requires_grad:
-            op = torch.ops.gemmakit.int8_linear if self.tile == 1 else torch.ops.gemmakit.int8_tiles
+            op = getattr(torch.ops.gemmakit, self.OPS[self.tile > 1])
             return op(x, self.weight, self.scale)
         # Sum in fp32 whatever the activation dtype; the per-row scale applies once to the sum.
         w, scale = self.weight.float(), self.scale.float()
@@ -726,6 +728,8 @@ class BlockInt8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features, in_features // 32, dtype=dtype))
+        # On an AVX-512 CPU: gemmakit's kernel (kernels/int8.cpp's q8_0_linear) in the compiled step.
+        self.kernel = kernels.int8()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> BlockInt8Linear:
@@ -757,6 +761,8 @@ class BlockInt8Linear(nn.Module):
         return (q * self.scale[tokens][..., None]).reshape(*tokens.shape, self.in_features)
 
     def fused(self, x: Tensor) -> Tensor:
+        if self.kernel and not x.requires_grad:
+            return torch.ops.gemmakit.q8_0_linear(x, self.weight, self.scale)
         w, scale = self.weight.float().view(self.out_features, -1, 32), self.scale.float()
         return _per_row(x, lambda row: ((w * row.view(-1, 32)).sum(-1) * scale).sum(-1))
 
@@ -778,9 +784,18 @@ def quantize_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
 
 class Fp8Linear(Int8Linear):
     """fp8: float8 e4m3 weights with one scale per output channel (the Gemma 3 report's switched fp8).
-    No CPU kernel reads fp8 directly: eagerly the weights are widened a block at a time for BLAS."""
+    The compiled decode step reads them with gemmakit's kernels (kernels/int8.cpp, on AVX-512 CPUs:
+    widened through float16, exactly); eagerly they are widened a block at a time for BLAS."""
 
     QDTYPE = torch.float8_e4m3fn
+    OPS = ("fp8_linear", "fp8_tiles")
+
+    def dequantize(self, start: int = 0, end: int | None = None) -> Tensor:
+        # torch widens float8 one element at a time (~4 ns per weight on the 2-core AVX-512 machine, which
+        # halved fp8's prefill against bf16); gemmakit's kernel gives the same values 16 at a time.
+        if self.kernel:
+            return torch.ops.gemmakit.fp8_dequantize(self._q(start, end).contiguous(), self.scale[start:end])
+        return super().dequantize(start, end)
 
     @staticmethod
     def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:

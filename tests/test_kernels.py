@@ -1,6 +1,6 @@
-"""gemmakit's C++ kernels (gemmakit/kernels): the bf16 and int8 decode products against float64, row bits alone and
-in a batch, the compiled decode step calling them; every build (AVX-512, AVX2, plain C++); one build per
-machine, rebuilt when damaged. The Q4_0 kernel's arithmetic is tested in test_q4_0.py."""
+"""gemmakit's C++ kernels (gemmakit/kernels): the bf16, int8, fp8 and q8_0 decode products against float64,
+row bits alone and in a batch, the compiled decode step calling them; every build (AVX-512, AVX2, plain
+C++); one build per machine, rebuilt when damaged. The Q4_0 kernel's arithmetic is tested in test_q4_0.py."""
 
 import os
 import platform
@@ -66,26 +66,84 @@ def test_bf16_tiles_is_the_product_of_the_packed_table(k, tiles, dtype):
             assert torch.equal(torch.ops.gemmakit.bf16_tiles(x[r:r + 1], packed)[0], y[r])
 
 
+def exact(layer: torch.nn.Module) -> torch.Tensor:
+    """An 8-bit layer's weights in float64: q * scale per row (int8, fp8) or per block of 32 (q8_0)."""
+    q = quant.unpack_rows(layer.weight) if layer.weight.dim() == 3 else layer.weight
+    q = q.double()
+    if isinstance(layer, quant.BlockInt8Linear):
+        return (q.view(q.shape[0], -1, 32) * layer.scale.double()[..., None]).view(q.shape)
+    return q * layer.scale.double()[:, None]
+
+
+def check_product(op, layer: torch.nn.Module, k: int, dtype: torch.dtype, seed: int) -> None:
+    """op(x, weight, scale) against float64, a row's bits alone and in a batch; layer.fused calls op."""
+    g = torch.Generator().manual_seed(seed)
+    for rows in (1, 3, 4, 5):
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        y = op(x, layer.weight, layer.scale)
+        assert y.dtype == dtype and y.shape == (rows, layer.out_features)
+        close_to_float64(y, x, exact(layer))
+        for r in range(rows):
+            assert torch.equal(op(x[r:r + 1], layer.weight, layer.scale)[0], y[r])
+        if AVX512:
+            assert torch.equal(layer.fused(x), y)
+
+
 @pytest.mark.parametrize("k, n", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernels_are_the_product_of_the_dequantized_weights(k, n, dtype):
-    """int8_linear (rows) and int8_tiles (the retiled head) against float64 on q * scale, row bits alone and
-    in a batch; Int8Linear.fused calls them."""
-    g = torch.Generator().manual_seed(n)
-    m = quant.Int8Linear.from_linear(nn.Linear(k, n, bias=False).to(dtype))
-    tiled = quant.Int8Linear.from_linear(nn.Linear(k, 64, bias=False).to(dtype))
+@pytest.mark.parametrize("cls", [quant.Int8Linear, quant.Fp8Linear])
+def test_int8_and_fp8_kernels_are_the_product_of_the_dequantized_weights(cls, k, n, dtype):
+    """int8_linear / fp8_linear (rows) and int8_tiles / fp8_tiles (the retiled head) against float64 on
+    q * scale; Int8Linear.fused and Fp8Linear.fused call them."""
+    m = cls.from_linear(nn.Linear(k, n, bias=False).to(dtype))
+    tiled = cls.from_linear(nn.Linear(k, 64, bias=False).to(dtype))
     tiled.retile(32)
-    for layer, op in ((m, torch.ops.gemmakit.int8_linear), (tiled, torch.ops.gemmakit.int8_tiles)):
-        w = layer.dequantize()
-        for rows in (1, 3, 4, 5):
-            x = torch.randn(rows, k, generator=g).to(dtype)
-            y = op(x, layer.weight, layer.scale)
-            assert y.dtype == dtype
-            close_to_float64(y, x, w)
-            for r in range(rows):
-                assert torch.equal(op(x[r:r + 1], layer.weight, layer.scale)[0], y[r])
-            if AVX512:
-                assert torch.equal(layer.fused(x), y)
+    rows, tiles = (getattr(torch.ops.gemmakit, name) for name in cls.OPS)
+    check_product(rows, m, k, dtype, n)
+    check_product(tiles, tiled, k, dtype, n + 1)
+
+
+@pytest.mark.parametrize("k, n", [(640, 1024), (2048, 640), (96, 37), (32, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q8_0_kernel_is_the_product_of_the_dequantized_blocks(k, n, dtype):
+    m = quant.BlockInt8Linear.from_linear(nn.Linear(k, n, bias=False).to(dtype))
+    check_product(torch.ops.gemmakit.q8_0_linear, m, k, dtype, n)
+
+
+def test_fp8_kernels_widen_every_code_exactly():
+    """All 254 finite e4m3 codes (signs, subnormals, 448 included) through both layouts: times one-hot
+    rows, each output is code * scale exactly (fp32)."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    codes = torch.cat([codes, codes[:2]]).view(torch.float8_e4m3fn)  # 256: 8 tiles of 32 rows
+    k = 32
+    m = quant.Fp8Linear(k, 256, torch.float32)
+    m.weight.copy_(codes.repeat(k, 1).T)  # row i: code i in every column
+    m.scale.copy_(torch.rand(256) + 0.5)
+    tiled = quant.Fp8Linear(k, 256, torch.float32)
+    tiled.load_state_dict(m.state_dict())
+    tiled.retile(32)
+    x = torch.eye(k)
+    want = (codes.float() * m.scale)[None].expand(k, -1)
+    assert torch.equal(torch.ops.gemmakit.fp8_linear(x, m.weight, m.scale), want)
+    assert torch.equal(torch.ops.gemmakit.fp8_tiles(x, tiled.weight, tiled.scale), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_dequantize_gives_torchs_values(dtype):
+    """fp8_dequantize (Fp8Linear's prefill weights) equals torch's q.to(dtype) * scale bit for bit: every
+    code, widths with a tail (k % 16), rows and the retiled head."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    for k in (254, 37):
+        m = quant.Fp8Linear(k, 64, dtype)
+        m.weight.copy_(codes[torch.randperm(254 * 64 * 2)[:64 * k] % 254].view(64, k).view(torch.float8_e4m3fn))
+        m.scale.copy_(torch.rand(64, dtype=torch.float64).to(dtype) * 10.0 ** torch.randint(-6, 2, (64,)))
+        want = m.weight.to(dtype) * m.scale[:, None]
+        got = torch.ops.gemmakit.fp8_dequantize(m.weight, m.scale)
+        assert got.dtype == dtype and torch.equal(got, want)
+        if kernels.int8():
+            assert torch.equal(m.dequantize(5, 40), want[5:40])
+            m.retile(32)
+            assert torch.equal(m.dequantize(5, 40), want[5:40])
 
 
 def test_bf16_kernels_name_bad_input():
@@ -101,7 +159,8 @@ def test_bf16_kernels_name_bad_input():
 @pytest.mark.skipif(not AVX512, reason="the bf16 kernels run in the decode step only where built with AVX-512")
 def test_the_compiled_decode_step_runs_the_bf16_kernels():
     """A bf16 model's fused layers and tiled head call the kernels under torch.compile (the very bits of
-    the op, which inductor's own loop would not give), and only there: eagerly, BLAS. So does an int8 one."""
+    the op, which inductor's own loop would not give), and only there: eagerly, BLAS. So do int8, fp8
+    and q8_0 layers."""
     torch.manual_seed(0)
     layer = quant.DenseLinear(nn.Linear(640, 256, bias=False).to(torch.bfloat16).requires_grad_(False))
     head = quant.PackedEmbedding(weights(64 * 32, 640))
@@ -113,10 +172,12 @@ def test_the_compiled_decode_step_runs_the_bf16_kernels():
             compiled = torch.compile(f, dynamic=False, fullgraph=True)(x)
             assert torch.equal(compiled, op(x, w))
             close_to_float64(f(x), x, w if w.dim() == 2 else head.unpacked())
-    int8 = quant.Int8Linear.from_linear(nn.Linear(640, 256, bias=False).to(torch.bfloat16))
-    with torch.no_grad():
-        compiled = torch.compile(int8, dynamic=False, fullgraph=True)(x)
-    assert torch.equal(compiled, torch.ops.gemmakit.int8_linear(x, int8.weight, int8.scale))
+    for cls, op in ((quant.Int8Linear, "int8_linear"), (quant.Fp8Linear, "fp8_linear"),
+                    (quant.BlockInt8Linear, "q8_0_linear")):
+        m = cls.from_linear(nn.Linear(640, 256, bias=False).to(torch.bfloat16))
+        with torch.no_grad():
+            compiled = torch.compile(m, dynamic=False, fullgraph=True)(x)
+        assert torch.equal(compiled, getattr(torch.ops.gemmakit, op)(x, m.weight, m.scale)), op
     fp32 = quant.DenseLinear(nn.Linear(64, 32, bias=False))
     assert not fp32.kernel and not quant.PackedEmbedding(torch.randn(64, 16)).kernel
 
@@ -145,8 +206,12 @@ def test_every_build_of_the_kernels(tmp_path):
         xt = acts(2, 33, torch.float32)
         close_to_float64(op.bf16_tiles(xt, quant.pack_rows(tiles, 32)), xt, tiles)
         assert op.int8_isa() == "c++"
-        i8 = quant.Int8Linear.from_linear(nn.Linear(100, 37, bias=False))
-        close_to_float64(op.int8_linear(xb, i8.weight, i8.scale), xb, i8.dequantize())
+        for cls, name in ((quant.Int8Linear, "int8_linear"), (quant.Fp8Linear, "fp8_linear")):
+            layer = cls.from_linear(nn.Linear(100, 37, bias=False))
+            close_to_float64(getattr(op, name)(xb, layer.weight, layer.scale), xb, exact(layer))
+        q8 = quant.BlockInt8Linear.from_linear(nn.Linear(96, 37, bias=False))
+        xq = acts(3, 96, torch.float32)
+        close_to_float64(op.q8_0_linear(xq, q8.weight, q8.scale), xq, exact(q8))
 
 
 def test_kernels_are_built_once_per_machine_and_rebuilt_when_damaged(tmp_path):

@@ -6,7 +6,9 @@
   fp32: the compiled decode step's products for a bf16 model (gemmakit.quant.DenseLinear and
   PackedEmbedding), with AVX-512 only.
 - `int8.cpp`: torch.ops.gemmakit.int8_linear and int8_tiles, the same for int8 weights with one scale per
-  row (gemmakit.quant.Int8Linear), with AVX-512 only.
+  row (gemmakit.quant.Int8Linear); fp8_linear and fp8_tiles for float8 e4m3 weights (Fp8Linear);
+  q8_0_linear for int8 weights with one scale per block of 32 (BlockInt8Linear); with AVX-512 only.
+  fp8_dequantize widens fp8 weights for BLAS (Fp8Linear's prefill), where torch converts one at a time.
 
 The library is built with -march=native into `<cache>/kernels/<key>/` (the key digests the sources,
 torch's version and the CPU) with a one-line notice; later processes load it in milliseconds. A
@@ -87,6 +89,10 @@ def load() -> bool:
     torch.library.register_fake("gemmakit::bf16_tiles")(_bf16_tiles_shape)
     torch.library.register_fake("gemmakit::int8_linear")(_int8_linear_shape)
     torch.library.register_fake("gemmakit::int8_tiles")(_int8_tiles_shape)
+    torch.library.register_fake("gemmakit::fp8_linear")(_int8_linear_shape)
+    torch.library.register_fake("gemmakit::fp8_tiles")(_int8_tiles_shape)
+    torch.library.register_fake("gemmakit::q8_0_linear")(_int8_linear_shape)
+    torch.library.register_fake("gemmakit::fp8_dequantize")(_fp8_dequantize_shape)
     return True
 
 
@@ -99,7 +105,7 @@ def bf16() -> bool:
 
 @functools.cache
 def int8() -> bool:
-    """Use int8_linear / int8_tiles in the compiled decode step? As bf16()."""
+    """Use int8.cpp's products (int8, fp8, q8_0) in the compiled decode step? As bf16()."""
     return load() and torch.ops.gemmakit.int8_isa() == "avx512"
 
 
@@ -117,6 +123,10 @@ def _bf16_tiles_shape(x: Tensor, tiles: Tensor) -> Tensor:
 
 def _int8_linear_shape(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _fp8_dequantize_shape(weight: Tensor, scale: Tensor) -> Tensor:
+    return scale.new_empty(weight.shape)
 
 
 def _int8_tiles_shape(x: Tensor, tiles: Tensor, scale: Tensor) -> Tensor:

@@ -8,8 +8,8 @@
 // running sum meets the right activation without shuffling the weights.
 //
 // Two layouts:
-// - bf16_linear: weight [out, in] as stored (a decoder layer's projections). Four rows at a time, each
-//   with an even and an odd running sum; a row's horizontal sum ends its product.
+// - bf16_linear: weight [out, in] as stored (a decoder layer's projections). One row at a time, with an
+//   even and an odd running sum; a row's horizontal sum ends its product.
 // - bf16_tiles: tiles [out / 32, in, 32] (gemmakit.quant.PackedEmbedding's tied LM head): input j of a
 //   tile's 32 rows is one 64-byte load, so the tile's 32 sums stay in two registers for the whole row
 //   of inputs and no horizontal sum is needed.
@@ -42,7 +42,6 @@
 namespace {
 
 constexpr int64_t kChunk = 32;  // inputs per 64-byte load of bf16 weights
-constexpr int64_t kRows = 4;    // weight rows per pass of bf16_linear
 constexpr int64_t kTile = 32;   // rows per tile of bf16_tiles
 constexpr int kMaxX = 4;        // activation rows per pass over a tile
 
@@ -72,56 +71,31 @@ void split_rows(const T* x, int64_t m, int64_t k, float* out) {
   }
 }
 
-// y[i] = weight row (row0 + i) . x for i < rows (<= 4), x split as split_rows lays it out.
-void rows_dot(const uint16_t* w, int64_t k, int64_t rows, const float* xs, float* y) {
+// Weight row w [k] . x, x split as split_rows lays it out. One row at a time: consecutive rows are then
+// one sequential stream for the prefetchers. (Four rows per pass, interleaved, streamed 100 [2048, 640]
+// matrices at 17.5 GB/s on the 2-core AMD EPYC, one row per pass at 23 GB/s.)
+float row_dot(const uint16_t* w, int64_t k, const float* xs) {
   const int64_t chunks = k / kChunk;
+  float s = 0.f;
 #if GK_AVX512
-  if (rows == kRows) {
-    __m512 even[kRows], odd[kRows];
-    for (int i = 0; i < kRows; ++i) even[i] = odd[i] = _mm512_setzero_ps();
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m512 xe = _mm512_loadu_ps(xs + c * kChunk);
-      const __m512 xo = _mm512_loadu_ps(xs + c * kChunk + 16);
-      for (int i = 0; i < kRows; ++i) {
-        const __m512i raw = _mm512_loadu_si512(w + i * k + c * kChunk);
-        even[i] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)), xe, even[i]);
-        odd[i] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(raw, high)), xo, odd[i]);
-      }
-    }
-    for (int i = 0; i < kRows; ++i) {
-      float s = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
-      for (int64_t j = chunks * kChunk; j < k; ++j) s += widen(w[i * k + j]) * xs[j];
-      y[i] = s;
-    }
-    return;
+  __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m512i raw = _mm512_loadu_si512(w + c * kChunk);
+    even = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)), _mm512_loadu_ps(xs + c * kChunk), even);
+    odd = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(raw, high)), _mm512_loadu_ps(xs + c * kChunk + 16), odd);
   }
-  // Fewer than 4 rows (the end of a matrix): one at a time, in the same order as above.
-  for (int64_t i = 0; i < rows; ++i) {
-    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m512i raw = _mm512_loadu_si512(w + i * k + c * kChunk);
-      even = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)), _mm512_loadu_ps(xs + c * kChunk), even);
-      odd = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(raw, high)), _mm512_loadu_ps(xs + c * kChunk + 16), odd);
-    }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
-    for (int64_t j = chunks * kChunk; j < k; ++j) s += widen(w[i * k + j]) * xs[j];
-    y[i] = s;
-  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
 #else
-  for (int64_t i = 0; i < rows; ++i) {
-    float s = 0.f;
-    for (int64_t c = 0; c < chunks; ++c) {
-      for (int l = 0; l < 16; ++l) {
-        s += widen(w[i * k + c * kChunk + 2 * l]) * xs[c * kChunk + l];
-        s += widen(w[i * k + c * kChunk + 2 * l + 1]) * xs[c * kChunk + 16 + l];
-      }
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int l = 0; l < 16; ++l) {
+      s += widen(w[c * kChunk + 2 * l]) * xs[c * kChunk + l];
+      s += widen(w[c * kChunk + 2 * l + 1]) * xs[c * kChunk + 16 + l];
     }
-    for (int64_t j = chunks * kChunk; j < k; ++j) s += widen(w[i * k + j]) * xs[j];
-    y[i] = s;
   }
 #endif
+  for (int64_t j = chunks * kChunk; j < k; ++j) s += widen(w[j]) * xs[j];
+  return s;
 }
 
 // y[r][0..32) = the 32 rows of one tile [k, 32] times R rows of activations x [R, k] (fp32, in order).
@@ -183,7 +157,7 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t k, const char* op) 
               op, ": activations must be float32, bfloat16 or float16, got ", x.scalar_type());
 }
 
-// x2 [m, k] as fp32: split per chunk as rows_dot reads it, or in order as tile_dot does.
+// x2 [m, k] as fp32: split per chunk as row_dot reads it, or in order as tile_dot does.
 std::vector<float> rows_of(const at::Tensor& x2, bool split) {
   const int64_t m = x2.size(0), k = x2.size(1);
   std::vector<float> out(m * k);
@@ -213,20 +187,13 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight) {
   const std::vector<float> xs = rows_of(x2, /*split=*/true);
   at::Tensor y = output(x, n);
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<c10::BFloat16>());
-  const int64_t groups = (n + kRows - 1) / kRows;
   // At least ~32 KiB of weights per thread: a small matrix is not worth splitting.
-  const int64_t grain = std::max<int64_t>(1, (32 << 10) / (kRows * k * 2));
+  const int64_t grain = std::max<int64_t>(1, (32 << 10) / (k * 2));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "bf16_linear", [&] {
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-      float sums[kRows];
-      for (int64_t g = begin; g < end; ++g) {
-        const int64_t row = g * kRows, rows = std::min<int64_t>(kRows, n - row);
-        for (int64_t r = 0; r < m; ++r) {
-          rows_dot(w + row * k, k, rows, xs.data() + r * k, sums);
-          for (int64_t i = 0; i < rows; ++i) out[r * n + row + i] = static_cast<scalar_t>(sums[i]);
-        }
-      }
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        for (int64_t r = 0; r < m; ++r) out[r * n + i] = static_cast<scalar_t>(row_dot(w + i * k, k, xs.data() + r * k));
     });
   });
   return y;
